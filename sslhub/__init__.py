@@ -1,0 +1,21 @@
+"""sslhub: self-supervised vision models as Hugging Face models, pretrained with Accelerate."""
+
+from sslhub.configuration import SSLConfig
+from sslhub.factory import create_model, from_pretrained, to_timm
+from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
+from sslhub.registry import list_methods, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SSLConfig",
+    "SSLForImageClassification",
+    "SSLForPreTraining",
+    "SSLModel",
+    "SSLPreTrainedModel",
+    "create_model",
+    "from_pretrained",
+    "list_methods",
+    "list_models",
+    "to_timm",
+]

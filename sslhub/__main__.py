@@ -1,0 +1,5 @@
+import sys
+
+from sslhub.cli import main
+
+sys.exit(main())

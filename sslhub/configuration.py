@@ -1,0 +1,88 @@
+"""``SSLConfig``: one Hugging Face config for every sslhub model (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers import PretrainedConfig
+
+from sslhub.registry import get_method, get_preset
+
+
+class SSLConfig(PretrainedConfig):
+    """Method, timm backbone and the method's hyperparameters.
+
+    ``method_kwargs`` is validated and completed by the method's hyperparameter dataclass, so a saved
+    ``config.json`` lists every hyperparameter the model was built with.
+    """
+
+    model_type = "sslhub"
+
+    method: str = "moco_v2"
+    backbone: str = "resnet50"
+    backbone_kwargs: dict | None = None
+    pooling: str | None = None
+    image_size: int = 224
+    image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD
+    method_kwargs: dict | None = None
+    preset: str | None = None
+
+    def __post_init__(self, **kwargs):
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        self.image_mean = list(self.image_mean)
+        self.image_std = list(self.image_std)
+        self.method_kwargs = get_method(self.method).validate_hparams(self.method_kwargs or {})
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> SSLConfig:
+        """Config of the preset ``name``; ``overrides`` replace config fields or method hyperparameters.
+
+        ``create_model("moco_v2_resnet18", temperature=0.1, image_size=64)``: ``temperature`` is a MoCo
+        hyperparameter, ``image_size`` a config field; ``backbone_kwargs`` entries are merged.
+        """
+        preset = get_preset(name)
+        fields = {
+            "method": preset.method,
+            "backbone": preset.backbone,
+            "image_size": preset.image_size,
+            "backbone_kwargs": dict(preset.backbone_kwargs),
+            "method_kwargs": dict(preset.method_kwargs),
+            "preset": preset.name,
+        }
+        return cls(**_merged(fields, overrides))
+
+    def with_overrides(self, **overrides) -> SSLConfig:
+        """A copy with config fields or method hyperparameters replaced, validated like ``from_preset``."""
+        fields = self.to_dict()
+        fields.pop("model_type", None)
+        return type(self)(**_merged(fields, overrides))
+
+
+def _merged(fields: dict, overrides: dict) -> dict:
+    """``fields`` with ``overrides`` applied: method hyperparameters go into ``method_kwargs``, ``backbone_kwargs`` and
+    ``method_kwargs`` entries are merged, anything else must be a config field."""
+    fields = {
+        **fields,
+        "backbone_kwargs": dict(fields.get("backbone_kwargs") or {}),
+        "method_kwargs": dict(fields.get("method_kwargs") or {}),
+    }
+    method = overrides.get("method", fields["method"])
+    hparam_names = get_method(method).hparam_names()
+    config_names = {f.name for f in dataclasses.fields(SSLConfig)} | {"num_labels"}
+    unknown = set(overrides) - hparam_names - config_names
+    if unknown:
+        raise ValueError(
+            f"Unknown hyperparameter(s) {sorted(unknown)}: neither a hyperparameter of method {method!r} "
+            f"({sorted(hparam_names)}) nor a config field ({sorted(config_names)})"
+        )
+    for key, value in overrides.items():
+        if key in ("backbone_kwargs", "method_kwargs"):
+            fields[key].update(value)
+        elif key in hparam_names:
+            fields["method_kwargs"][key] = value
+        else:
+            fields[key] = value
+    return fields

@@ -1,0 +1,114 @@
+"""Hugging Face models: ``SSLModel`` (released encoder), ``SSLForPreTraining`` (objective) and
+``SSLForImageClassification`` (encoder + linear classifier), registered with the Auto* classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from sslhub.backbones import create_backbone, default_pooling, pool_features
+from sslhub.configuration import SSLConfig
+from sslhub.registry import get_method
+
+
+class SSLPreTrainedModel(PreTrainedModel):
+    config_class = SSLConfig
+    base_model_prefix = "ssl"
+    main_input_name = "pixel_values"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Weights are initialised by timm and by each method when the modules are built."""
+
+
+class SSLModel(SSLPreTrainedModel):
+    """The released encoder: a timm backbone and its pooling.
+
+    ``last_hidden_state`` is the backbone's ``forward_features`` (feature map, or all tokens after the final norm);
+    ``pooler_output`` (B, D) is its global average (CNN) or final-norm class token (ViT) unless the config's
+    ``pooling`` says otherwise.
+    """
+
+    def __init__(self, config: SSLConfig):
+        super().__init__(config)
+        self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
+        self.pooling = (
+            config.pooling or get_method(config.method).default_pooling or default_pooling(self.backbone)
+        )
+        self.post_init()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):
+        hidden = self.backbone.forward_features(pixel_values)
+        pooled = pool_features(hidden, self.pooling, getattr(self.backbone, "num_prefix_tokens", 0))
+        output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return output if return_dict is not False else output.to_tuple()
+
+
+@dataclass
+class SSLPreTrainingOutput(ModelOutput):
+    """``loss``: the method's objective on the given views; ``metrics``: scalars worth logging."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict | None = None
+
+
+class SSLForPreTraining(SSLPreTrainedModel):
+    """The full pretraining state: backbone(s), heads, teacher / queue / center buffers of ``config.method``.
+
+    ``model(views).loss`` is the method's objective; ``model.released_model()`` is the ``SSLModel`` the authors
+    would release (MoCo: query encoder, DINO: teacher, MAE: encoder).
+    """
+
+    def __init__(self, config: SSLConfig):
+        super().__init__(config)
+        self.method = get_method(config.method)(config)
+        self.post_init()
+
+    def forward(self, pixel_values: list[torch.Tensor] | torch.Tensor, **kwargs) -> SSLPreTrainingOutput:
+        views = [pixel_values] if torch.is_tensor(pixel_values) else list(pixel_values)
+        out = self.method(views, **kwargs)
+        return SSLPreTrainingOutput(loss=out.loss, metrics=out.metrics)
+
+    def released_model(self) -> SSLModel:
+        """An ``SSLModel`` holding a copy of the released encoder's weights."""
+        model = SSLModel(self.config)
+        model.backbone.load_state_dict(self.method.released_backbone.state_dict())
+        return model.to(next(self.parameters()).device)
+
+
+class SSLForImageClassification(SSLPreTrainedModel):
+    """Encoder + linear classifier on the pooled features; cross-entropy loss when ``labels`` are given."""
+
+    def __init__(self, config: SSLConfig):
+        super().__init__(config)
+        self.ssl = SSLModel(config)
+        self.num_labels = config.num_labels
+        self.classifier = nn.Linear(self.ssl.num_features, config.num_labels)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        features = self.ssl(pixel_values).pooler_output
+        logits = self.classifier(features)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register("sslhub", SSLConfig)
+AutoModel.register(SSLConfig, SSLModel)
+AutoModelForImageClassification.register(SSLConfig, SSLForImageClassification)

@@ -1,0 +1,420 @@
+"""The Accelerate pretraining loop (DESIGN.md §2): one code path for one CPU, many GPUs and ``accelerate launch``.
+
+Optimizer and schedules come from the method's hyperparameters (linear lr scaling with the batch size, linear
+warm-up then cosine, the method's own momentum / temperature / weight-decay schedules); checkpoints are Accelerate
+states written atomically, and ``resume`` continues exactly: data order and augmentations are functions of
+(seed, epoch, sample index), and the RNG, model, optimizer and step are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from sslhub.configuration import SSLConfig
+from sslhub.data import ImageDataset, load_image_dataset, multi_view_collate
+from sslhub.evaluation import knn_evaluate
+from sslhub.factory import create_model, from_pretrained
+from sslhub.hub import render_model_card, save_model_card
+from sslhub.methods.base import SSLMethod, TrainingProgress
+from sslhub.modeling import SSLForPreTraining
+from sslhub.transforms import eval_transform
+
+DEFAULT_MODEL = "moco_v2_resnet18_32px"
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class PretrainArguments:
+    """Everything ``sslhub pretrain`` takes; ``None`` means "the method's default"."""
+
+    model: str = DEFAULT_MODEL
+    data: str = "builtin"
+    output_dir: str = "sslhub-output"
+    epochs: int | None = None
+    batch_size: int = 256
+    lr: float | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    image_size: int | None = None
+    overrides: dict = field(default_factory=dict)  # config fields or method hyperparameters, as create_model
+    seed: int = 0
+    resume: str | None = None
+    num_workers: int = 0
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_steps: int | None = None
+    knn_every: int = 1
+    knn_k: int = 20
+    knn_max_train: int = 10000
+    knn_max_test: int = 2000
+    log_every: int = 10
+    log_with: str | None = "tensorboard"
+    image_column: str | None = None
+    label_column: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class PretrainResult:
+    output_dir: str
+    steps: int
+    losses: list[float]
+    knn_random_init: float | None
+    knn_history: list[tuple[int, float]]  # (optimizer step, accuracy)
+    num_processes: int = 1
+    model: SSLForPreTraining | None = None
+
+    @property
+    def knn_final(self) -> float | None:
+        return self.knn_history[-1][1] if self.knn_history else None
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint adds to the Accelerate state: the optimizer step and the monitor's history."""
+
+    step: int = 0
+    knn_random_init: float | None = None
+    knn_history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"json": json.dumps(asdict(self))}
+
+    def load_state_dict(self, state: dict) -> None:
+        values = json.loads(state["json"])
+        self.step, self.knn_random_init = values["step"], values["knn_random_init"]
+        self.knn_history = [tuple(item) for item in values["knn_history"]]
+
+
+def build_model(args: PretrainArguments) -> SSLForPreTraining:
+    """A preset name starts from random init; a directory continues from a saved ``SSLForPreTraining``."""
+    overrides = dict(args.overrides)
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
+    for name in ("warmup_epochs", "weight_decay"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if Path(args.model).is_dir():
+        config = SSLConfig.from_pretrained(args.model).with_overrides(**overrides)
+        return from_pretrained(args.model, task="pretraining", config=config)
+    return create_model(args.model, task="pretraining", **overrides)
+
+
+def build_optimizer(method: SSLMethod, lr: float) -> torch.optim.Optimizer:
+    hp = method.hparams
+    groups = method.param_groups()
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=hp.sgd_momentum)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+    raise ValueError(f"Unknown optimizer {hp.optimizer!r} in the hyperparameters of {method.name!r}")
+
+
+def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float) -> float:
+    """Linear warm-up from 0 to ``peak``, then half-cosine to ``minimum`` (DINO / MAE ``cosine_scheduler``)."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def monitor_datasets(args: PretrainArguments, train: ImageDataset, transform) -> tuple | None:
+    """(memory bank, queries) for the kNN monitor: the data's test split when it has one, else a seeded stratified
+    20 % of the training images; ``None`` when the data has no labels."""
+    if train.labels is None or args.knn_every <= 0:
+        return None
+    try:
+        bank = load_image_dataset(args.data, "train", image_column=args.image_column, label_column=args.label_column)
+        queries = load_image_dataset(args.data, "test", image_column=args.image_column, label_column=args.label_column)
+        bank_index, query_index = list(range(len(bank))), list(range(len(queries)))
+    except (ValueError, KeyError, FileNotFoundError):
+        bank = queries = load_image_dataset(
+            args.data, "train", image_column=args.image_column, label_column=args.label_column
+        )
+        bank_index, query_index = train_test_split(
+            list(range(len(bank))), test_size=0.2, random_state=args.seed, stratify=bank.labels
+        )
+    bank.transform = queries.transform = transform
+    bank_index = _stratified_subset(bank_index, bank.labels, args.knn_max_train, args.seed)
+    query_index = _stratified_subset(query_index, queries.labels, args.knn_max_test, args.seed)
+    return Subset(bank, bank_index), Subset(queries, query_index)
+
+
+def _stratified_subset(indices: list[int], labels, size: int, seed: int) -> list[int]:
+    if len(indices) <= size:
+        return list(indices)
+    subset, _ = train_test_split(
+        list(indices), train_size=size, random_state=seed, stratify=[labels[i] for i in indices]
+    )
+    return sorted(subset)
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str, output_dir: str) -> Path | None:
+    """``"latest"`` (newest checkpoint in ``output_dir``, none is fine) or a checkpoint directory."""
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint directory")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep: int) -> None:
+    """Accelerate state into a temporary directory, renamed into place once complete; keeps the newest ``keep``."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    partial = root / f".partial_step_{step:08d}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: TrainingState, epochs: int) -> None:
+    """The released encoder (``SSLModel``) in ``output_dir`` and the full ``SSLForPreTraining`` in
+    ``output_dir/pretraining``, each with its model card; files are moved into place only once all are written."""
+    method = model.method
+    released = model.released_model()
+    hparams = {k: v for k, v in model.config.method_kwargs.items()}
+    training = {
+        "data": args.data,
+        "epochs": epochs,
+        "steps": state.step,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        **hparams,
+    }
+    results = None
+    if state.knn_history:
+        results = {f"knn_top1_k{args.knn_k}": state.knn_history[-1][1]}
+        training[f"knn_top1_k{args.knn_k}_at_random_init"] = state.knn_random_init
+    method_info = {
+        "paper": method.paper,
+        "arxiv": method.arxiv,
+        "citation": method.citation,
+        "released_encoder": method.released,
+    }
+    output = Path(args.output_dir)
+    for subdir, task, net in (("", "features", released), ("pretraining", "pretraining", model)):
+        target = output / subdir
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
+            net.save_pretrained(tmp)
+            card = render_model_card(
+                method=method.name,
+                backbone=model.config.backbone,
+                task=task,
+                num_parameters=net.num_parameters(),
+                method_info=method_info,
+                training=training,
+                results=results,
+            )
+            save_model_card(card, tmp)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), target / name)
+
+
+def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
+    values = {**asdict(args), **model.config.method_kwargs, "method": model.config.method}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+
+
+class Pretrainer:
+    """One pretraining run: ``Pretrainer(args).run()``. Built on Accelerate, so the same object runs on one CPU,
+    under ``torchrun`` (gloo) and under ``accelerate launch``."""
+
+    def __init__(self, args: PretrainArguments):
+        self.args = args
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=args.log_with,
+            project_dir=args.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        )
+        set_seed(args.seed)
+        model = build_model(args)
+        self.hparams = model.method.hparams
+        self.epochs = args.epochs if args.epochs is not None else self.hparams.epochs
+        self.dataset = load_image_dataset(
+            args.data, "train", image_column=args.image_column, label_column=args.label_column
+        )
+        self.dataset.transform, self.dataset.seed = model.method.view_transform(), args.seed
+        global_batch = args.batch_size * self.accelerator.num_processes
+        if len(self.dataset) < global_batch:
+            raise ValueError(
+                f"{args.data!r} has {len(self.dataset)} images, fewer than one batch of {global_batch} "
+                f"({args.batch_size} per process x {self.accelerator.num_processes}): lower --batch-size"
+            )
+        loader = DataLoader(
+            self.dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.num_workers,
+            collate_fn=multi_view_collate,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(args.seed),  # a new iterator must not draw from the global RNG
+        )
+        self.peak_lr = args.lr or (
+            self.hparams.lr * global_batch * args.gradient_accumulation_steps / self.hparams.lr_batch_size
+        )
+        optimizer = build_optimizer(model.method, self.peak_lr)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.method = self.accelerator.unwrap_model(self.model).method
+        self.steps_per_epoch = len(self.loader) // args.gradient_accumulation_steps
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.warmup_steps = round(self.hparams.warmup_epochs * self.steps_per_epoch)
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.state = TrainingState()
+        self.accelerator.register_for_checkpointing(self.state)
+        config = self.accelerator.unwrap_model(self.model).config
+        self.monitor = monitor_datasets(
+            args, self.dataset, eval_transform(config.image_size, config.image_mean, config.image_std)
+        )
+        self.losses: list[float] = []
+
+    def knn_accuracy(self) -> float | None:
+        """Weighted-kNN top-1 of the released encoder (computed on the main process); ``None`` without labels."""
+        accuracy = None
+        if self.monitor is not None and self.accelerator.is_main_process:
+            with torch.random.fork_rng(devices=[]):  # the monitor must not change training's random stream
+                released = self.accelerator.unwrap_model(self.model).released_model()
+                accuracy = knn_evaluate(released, *self.monitor, k=self.args.knn_k, progress=False)
+        self.accelerator.wait_for_everyone()
+        return accuracy
+
+    def record_knn(self, bar: tqdm) -> None:
+        accuracy = self.knn_accuracy()
+        if accuracy is None:
+            return
+        self.state.knn_history.append((self.state.step, accuracy))
+        epoch = self.state.step / self.steps_per_epoch
+        bar.write(f"step {self.state.step} (epoch {epoch:.2f}): kNN top-1 (k={self.args.knn_k}) {accuracy:.4f}")
+        self.log({"monitor/knn_top1": accuracy})
+
+    def log(self, values: dict) -> None:
+        if self.args.log_with:
+            self.accelerator.log(values, step=self.state.step)
+
+    def set_schedules(self, progress: TrainingProgress) -> None:
+        """Learning rate (warm-up + cosine), weight decay of the decayed groups, and the method's own schedules."""
+        lr = learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, self.hparams.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = self.method.weight_decay_at(progress)
+        self.method.on_step_start(progress)
+
+    def train_epoch(self, bar: tqdm) -> None:
+        """Optimizer steps until the end of the current epoch (or ``last_step``), skipping batches already seen."""
+        accelerator, state = self.accelerator, self.state
+        epoch = state.step // self.steps_per_epoch
+        self.dataset.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        seen = (state.step - epoch * self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        micro_losses = []
+        for views, _labels in accelerator.skip_first_batches(self.loader, seen) if seen else self.loader:
+            progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
+            with accelerator.accumulate(self.model):
+                self.set_schedules(progress)
+                loss = self.model(views).loss
+                accelerator.backward(loss)
+                micro_losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    accelerator.unscale_gradients()
+                    self.method.on_before_optimizer_step(progress)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            self.method.on_step_end(progress)
+            self.losses.append(torch.stack(micro_losses).mean().item())
+            micro_losses = []
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", epoch=epoch)
+            if state.step % self.args.log_every == 0:
+                self.log({"train/loss": self.losses[-1], "train/lr": self.optimizer.param_groups[0]["lr"]})
+            end_of_epoch = state.step % self.steps_per_epoch == 0
+            knn_due = self.args.knn_every > 0 and (state.step // self.steps_per_epoch) % self.args.knn_every == 0
+            if (end_of_epoch and knn_due) or state.step == self.last_step:
+                self.record_knn(bar)
+            if state.step % self.args.checkpoint_every == 0 or state.step == self.last_step:
+                save_checkpoint(accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints)
+            if end_of_epoch or state.step >= self.last_step:
+                return
+
+    def run(self) -> PretrainResult:
+        args, accelerator, state = self.args, self.accelerator, self.state
+        checkpoint = resolve_resume(args.resume, args.output_dir) if args.resume else None
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+        if args.log_with:
+            accelerator.init_trackers("sslhub", config=_flat_hparams(args, accelerator.unwrap_model(self.model)))
+        if state.step == 0:
+            state.knn_random_init = self.knn_accuracy()
+            if state.knn_random_init is not None:
+                accelerator.print(f"kNN top-1 (k={args.knn_k}) at random init: {state.knn_random_init:.4f}")
+        show = args.progress and accelerator.is_main_process
+        with tqdm(
+            total=self.last_step, initial=state.step, disable=not show, desc=f"pretrain {self.method.name}"
+        ) as bar:
+            self.model.train()
+            while state.step < self.last_step:
+                self.train_epoch(bar)
+        model = accelerator.unwrap_model(self.model)
+        if accelerator.is_main_process:
+            save_final_models(model, args, state, self.epochs)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return PretrainResult(
+            args.output_dir,
+            state.step,
+            self.losses,
+            state.knn_random_init,
+            state.knn_history,
+            accelerator.num_processes,
+            model,
+        )
+
+
+def pretrain(args: PretrainArguments) -> PretrainResult:
+    """Pretrain ``args.model`` on ``args.data`` and save it; see ``PretrainArguments`` for the options."""
+    return Pretrainer(args).run()
