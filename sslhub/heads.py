@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -23,8 +24,9 @@ class MLPHead(nn.Sequential):
     def __init__(self, dims: Sequence[int], batch_norm: bool = False):
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))
-            if i < len(dims) - 2:
+            hidden = i < len(dims) - 2
+            layers.append(nn.Linear(d_in, d_out, bias=not (batch_norm and hidden)))
+            if hidden:
                 if batch_norm:
                     layers.append(nn.BatchNorm1d(d_out))
                 layers.append(nn.ReLU(inplace=True))
@@ -41,7 +43,7 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as DINO's last layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)

@@ -76,7 +76,8 @@ class DINO(SSLMethod):
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
-        vit = is_vision_transformer(self.create_backbone())
+        with torch.device("meta"):  # only the architecture is needed to choose the options
+            vit = is_vision_transformer(self.create_backbone())
         extra = {"dynamic_img_size": True} if vit else {}
         student = (
             self.create_backbone(drop_path_rate=hp.drop_path_rate, **extra) if vit else self.create_backbone()
