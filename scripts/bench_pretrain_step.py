@@ -18,7 +18,8 @@ random views (no data loading, no augmentation), after warm-up steps:
   get from Lightning's ``gradient_clip_val``) and ``cancel_last_layer_gradients``; MAE:
   ``MaskedVisionTransformerTIMM`` + ``MAEDecoderTIMM``, MSE on the (per-patch normalised) masked patches.
 
-Steps are timed in epoch 10 of 100 (past DINO's frozen last layer, so every parameter is updated).
+Steps are timed in epoch 10 of 100 (past DINO's frozen last layer, so every parameter is updated); the three steps
+of a method take turns, so a load change on a shared machine hits them alike.
 
     python scripts/bench_pretrain_step.py --size small --threads 2 --repeats 20           # CPU, 32 px presets
     python scripts/bench_pretrain_step.py --size base --device cuda --bf16 --channels-last  # GPU, 224 px presets
@@ -37,7 +38,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lightly
 import timm
@@ -86,6 +87,8 @@ STEPS_PER_EPOCH = 100
 
 @dataclass
 class Options:
+    """Where and how every step runs."""
+
     device: torch.device
     bf16: bool = False
     channels_last: bool = False
@@ -108,7 +111,6 @@ class Step:
     optimizer: torch.optim.Optimizer
     before_optimizer_step: Callable[[TrainingProgress], None] = lambda progress: None
     after_optimizer_step: Callable[[TrainingProgress], None] = lambda progress: None
-    modules: list[nn.Module] = field(default_factory=list)  # keeps the networks alive while timing
 
     def __call__(self, views: list[torch.Tensor], progress: TrainingProgress, options: Options) -> None:
         with options.autocast():
@@ -124,17 +126,26 @@ def progress_at(index: int) -> TrainingProgress:
     return TrainingProgress(10 * STEPS_PER_EPOCH + index, 100 * STEPS_PER_EPOCH, STEPS_PER_EPOCH)
 
 
-def median_seconds(step: Step, views: list[torch.Tensor], options: Options, warmup: int, repeats: int) -> float:
-    """Median wall time of ``repeats`` steps after ``warmup`` untimed ones (CUDA synchronised around each)."""
+def seconds(step: Step, views: list[torch.Tensor], progress: TrainingProgress, options: Options) -> float:
+    """Wall time of one step (CUDA synchronised before and after)."""
     synchronize = torch.cuda.synchronize if options.device.type == "cuda" else lambda: None
-    times = []
+    synchronize()
+    start = time.perf_counter()
+    step(views, progress, options)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def median_seconds(
+    steps: dict[str, Step], views: list[torch.Tensor], options: Options, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median step time of each of ``steps`` after ``warmup`` untimed steps. The steps take turns, so a load change
+    on a shared machine hits all of them alike instead of whichever happens to run then."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for index in range(warmup + repeats):
-        synchronize()
-        start = time.perf_counter()
-        step(views, progress_at(index), options)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+        for name, step in steps.items():
+            times[name].append(seconds(step, views, progress_at(index), options))
+    return {name: statistics.median(values[warmup:]) for name, values in times.items()}
 
 
 def make_optimizer(params, hparams: MethodHparams, lr: float) -> torch.optim.Optimizer:
@@ -198,7 +209,7 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
         method.on_step_start(progress)
         return model(views).loss
 
-    return Step(forward, build_optimizer(method, lr), method.on_before_optimizer_step, method.on_step_end, [model])
+    return Step(forward, build_optimizer(method, lr), method.on_before_optimizer_step, method.on_step_end)
 
 
 def bound_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -215,7 +226,7 @@ def bound_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
                 encoder(images)
         return sum(encoder(images).sum() for images in batched_by_size(trained))
 
-    return Step(forward, make_optimizer(encoder.parameters(), model.method.hparams, lr), modules=[encoder])
+    return Step(forward, make_optimizer(encoder.parameters(), model.method.hparams, lr))
 
 
 def lightly_moco_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -235,7 +246,7 @@ def lightly_moco_step(model: SSLForPreTraining, lr: float, options: Options) -> 
             keys = key(views[1])
         return criterion(query(views[0]), keys)
 
-    return Step(forward, make_optimizer(query.parameters(), hp, lr), modules=[query, key, criterion])
+    return Step(forward, make_optimizer(query.parameters(), hp, lr))
 
 
 def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -280,7 +291,7 @@ def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> 
         lightly_utils.update_momentum(student_net, teacher_net, m=momentum)
 
     optimizer = make_optimizer(student_net.parameters(), hp, lr)
-    return Step(forward, optimizer, before_optimizer_step, after_optimizer_step, [student_net, teacher_net, criterion])
+    return Step(forward, optimizer, before_optimizer_step, after_optimizer_step)
 
 
 def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -315,7 +326,7 @@ def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> S
             target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
         return F.mse_loss(prediction, target)
 
-    return Step(forward, make_optimizer(net.parameters(), hp, lr), modules=[net])
+    return Step(forward, make_optimizer(net.parameters(), hp, lr))
 
 
 LIGHTLY_STEPS = {"moco_v2": lightly_moco_step, "dino": lightly_dino_step, "mae": lightly_mae_step}
@@ -335,14 +346,13 @@ def bench_method(method: str, ns: argparse.Namespace, options: Options) -> dict:
         "batch": batch,
         "views": describe_views(views),
     }
-    # sslhub last: building the other two only reads the model's config, so it can stay on the CPU until then
-    for column, build in (("bound", bound_step), ("lightly", LIGHTLY_STEPS[method]), ("sslhub", sslhub_step)):
-        step = build(model, lr, options)
-        row[column] = median_seconds(step, views, options, ns.warmup, ns.repeats)
-        del step
-        gc.collect()
-        if options.device.type == "cuda":
-            torch.cuda.empty_cache()
+    builders = {"sslhub": sslhub_step, "bound": bound_step, "lightly": LIGHTLY_STEPS[method]}
+    steps = {name: build(model, lr, options) for name, build in builders.items()}
+    row.update(median_seconds(steps, views, options, ns.warmup, ns.repeats))
+    del model, steps
+    gc.collect()
+    if options.device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 

@@ -1,22 +1,26 @@
 """Image data for pretraining and evaluation: the built-in digits, Fashion-MNIST, image folders, HF datasets.
 
-Every source becomes an ``ImageDataset`` of RGB PIL images (+ integer labels when known). Its augmentations are a
-pure function of ``(seed, epoch, index)``, so data order and views do not depend on workers, prefetching or the
-number of processes, and a resumed run sees exactly the views of an uninterrupted one.
+Every source becomes an ``ImageDataset`` of RGB PIL images (+ integer labels when known) whose augmentations
+are a pure function of ``(seed, epoch, index)``: views do not depend on workers, prefetching or the number of
+processes, and a resumed run sees exactly the views of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
+import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -25,6 +29,10 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 HF_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+ACCEPTED = (
+    "'builtin', 'fashion-mnist', a directory saved with datasets' save_to_disk, an imagefolder directory "
+    "with metadata.csv / metadata.jsonl, or a folder of images"
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -32,45 +40,71 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: 16-bit and 32-bit integer images are rescaled, not clipped; float images are taken
-    as [0, 1]; transparency (RGBA, LA, palette with transparency) is dropped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        array = np.asarray(image, dtype=np.uint16).astype(np.float64)
-        image = Image.fromarray(np.round(array / 257.0).astype(np.uint8))
-    elif image.mode == "I":
-        array = np.asarray(image, dtype=np.int64)
-        scale = 257.0 if array.max(initial=0) <= 65535 else 16843009.0
-        image = Image.fromarray(np.round(np.clip(array, 0, None) / scale).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0.0, 1.0) * 255).astype(np.uint8))
+    """Any PIL mode to 8-bit RGB. Integer images ('I;16*', and 'I', PIL's mode for 16-bit PNG / TIFF) are
+    taken as 16-bit and float images ('F') as [0, 1], both rescaled to 0-255 rather than clipped; transparency
+    is dropped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        top = 1.0 if image.mode == "F" else 65535.0
+        array = np.clip(np.asarray(image, dtype=np.float64), 0.0, top) * (255.0 / top)
+        image = Image.fromarray(np.round(array).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _open(item) -> Image.Image:
+    """An ``ImageDataset`` source item as a PIL image: images pass, arrays are wrapped, paths are read."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    try:
+        with Image.open(item) as image:
+            image.load()
+    except OSError as error:
+        raise OSError(f"cannot read image {item}: {error}") from error
+    return image
+
+
 def view_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one item's views (numpy ``SeedSequence`` hash of the three numbers)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class ImageDataset(Dataset):
-    """``(transform(rgb image), label)`` items; label is -1 when the data has none.
+@contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator and python's ``random`` for the block; restore both afterwards. Only the CPU
+    generator: ``torch.manual_seed`` would also reseed every GPU, which ``fork_rng(devices=[])`` does not
+    restore."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
 
-    ``load(i)`` returns the i-th image in any PIL mode; ``labels`` are integer class ids aligned with it.
+
+class ImageDataset(Dataset):
+    """``(transform(RGB image), label)`` items; the label is -1 when the data has none.
+
+    ``images`` is list-like: PIL images (any mode), image file paths or uint8 arrays. ``__getitem__`` runs the
+    transform with the RNGs seeded from ``(seed, epoch, index)`` (``set_epoch`` before each epoch) and leaves
+    the global RNG states as they were.
     """
 
     def __init__(
         self,
-        load: Callable[[int], Image.Image],
-        length: int,
+        images: Sequence,
         labels: Sequence[int] | None = None,
         classes: Sequence[str] | None = None,
         transform: Callable | None = None,
         seed: int = 0,
     ):
-        if labels is not None and len(labels) != length:
-            raise ValueError(f"{len(labels)} labels for {length} images")
-        self.load = load
-        self.length = length
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.images = images
         self.labels = None if labels is None else [int(label) for label in labels]
         self.classes = None if classes is None else list(classes)
         self.transform = transform
@@ -78,178 +112,182 @@ class ImageDataset(Dataset):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.images)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int):
-        image = to_rgb(self.load(index))
+    def __getitem__(self, index: int) -> tuple:
+        index = range(len(self))[index]  # negative indices get the same views as their positive twins
+        image = to_rgb(_open(self.images[index]))
         label = -1 if self.labels is None else self.labels[index]
         if self.transform is None:
             return image, label
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = view_seed(self.seed, self.epoch, index)
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues lazy CUDA seeding
-            random.seed(seed)
-            try:
-                return self.transform(image), label
-            finally:
-                random.setstate(python_state)
+        with _seeded_rngs(view_seed(self.seed, self.epoch, index)):
+            return self.transform(image), label
 
 
-def _array_dataset(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ImageDataset:
-    return ImageDataset(lambda i: Image.fromarray(images[i]), len(images), labels.tolist(), classes)
+def _pick_split(split: str, name: str, /, **splits):
+    if split not in splits:
+        raise ValueError(f"{name!r} has the splits {list(splits)}, not {split!r}")
+    return splits[split]
 
 
 def builtin_digits(split: str) -> ImageDataset:
-    """scikit-learn's 1,797 handwritten digits (8x8, values 0-16), seeded stratified 80 / 20 train / test split."""
+    """scikit-learn's 1,797 handwritten digits (8x8, values 0-16 -> 0-255) with a seeded stratified 80 / 20
+    train / test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    train, test = train_test_split(np.arange(len(images)), test_size=0.2, random_state=0, stratify=digits.target)
-    chosen = {"train": train, "test": test}[_check_split(split, ("train", "test"), "builtin")]
-    return _array_dataset(images[chosen], digits.target[chosen], [str(d) for d in range(10)])
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    train, test = train_test_split(
+        np.arange(len(images)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    chosen = _pick_split(split, "builtin", train=train, test=test)
+    return ImageDataset(images[chosen], digits.target[chosen], [str(digit) for digit in range(10)])
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped unsigned-byte IDX file (LeCun's MNIST format): big-endian magic ``0x0800 + ndim`` (2051
+    images, 2049 labels), ``ndim`` sizes, then the bytes; so images start at offset 16 and labels at 8."""
     with gzip.open(path, "rb") as handle:
-        return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
+        data = handle.read()
+    header = 4 * (1 + ndim)
+    magic, *shape = struct.unpack_from(f">{1 + ndim}I", data.ljust(header, b"\0"))  # too short: magic 0
+    if magic != 0x800 + ndim or len(data) != header + math.prod(shape):
+        raise ValueError(f"{path} is not a {ndim}-d unsigned-byte IDX file (magic {magic}, {len(data)} B)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def fashion_mnist(split: str) -> ImageDataset:
-    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (or ``$SSLHUB_FASHION_MNIST_DIR``)."""
+    """Fashion-MNIST (60,000 train / 10,000 test, 28x28) from the Debian package ``dataset-fashion-mnist``, or
+    from ``$SSLHUB_FASHION_MNIST_DIR``."""
     root = Path(os.environ.get("SSLHUB_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    prefix = {"train": "train", "test": "t10k"}[_check_split(split, ("train", "test"), "fashion-mnist")]
+    prefix = _pick_split(split, "fashion-mnist", train="train", test="t10k")
     image_file, label_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-    if not image_file.exists() or not label_file.exists():
+    missing = [file.name for file in (image_file, label_file) if not file.is_file()]
+    if missing:
         raise DatasetNotFoundError(
-            f"Fashion-MNIST files not found in {root} ({image_file.name}, {label_file.name}). "
-            "Install them with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, as root), or set "
-            "SSLHUB_FASHION_MNIST_DIR to a directory holding them."
+            f"Fashion-MNIST: {', '.join(missing)} not found in {root}. Install the data with "
+            "`apt-get install -y dataset-fashion-mnist` (Debian / Ubuntu, as root), or point "
+            "SSLHUB_FASHION_MNIST_DIR at a directory holding the files."
         )
-    labels = _read_idx(label_file, offset=8)
-    images = _read_idx(image_file, offset=16).reshape(len(labels), 28, 28)
-    return _array_dataset(images, labels, FASHION_MNIST_CLASSES)
+    return ImageDataset(_read_idx(image_file, 3), _read_idx(label_file, 1), FASHION_MNIST_CLASSES)
 
 
-def _check_split(split: str, known: Sequence[str], name: str) -> str:
-    if split not in known:
-        raise ValueError(f"{name!r} has the splits {list(known)}, not {split!r}")
-    return split
+def _list_files(directory: Path) -> list[Path]:
+    """Every file under ``directory`` outside hidden files and folders, following links as torchvision's
+    ImageFolder does; sorted."""
+    files = []
+    for root, folders, names in os.walk(directory, followlinks=True):
+        folders[:] = [folder for folder in folders if not folder.startswith(".")]
+        files += [Path(root, name) for name in names if not name.startswith(".")]
+    return sorted(files)
 
 
-def _image_extensions() -> set[str]:
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
-def _readable(path: Path) -> bool:
+def _is_image(path: Path) -> bool:
+    if path.suffix.lower() not in Image.registered_extensions():
+        return False
     try:
         with Image.open(path) as image:
             image.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except Exception:  # PIL raises many kinds of errors for corrupt files
         return False
 
 
 def image_folder(directory: Path) -> ImageDataset:
-    """Images found recursively; class = first-level subfolder when every image sits in one. Unreadable or
-    non-image files are skipped with one warning that names them."""
-    extensions = _image_extensions()
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
-    candidates = [p for p in files if p.suffix.lower() in extensions]
-    good = [p for p in candidates if _readable(p)]
-    skipped = [p for p in files if p not in set(good)]
+    """Images found recursively; class = first-level subfolder when every image sits in one, else no labels.
+    Unreadable and non-image files are skipped with one warning that names them."""
+    files = _list_files(directory)
+    with ThreadPoolExecutor() as pool:  # file reads overlap
+        readable = list(pool.map(_is_image, files))
+    images = [file for file, ok in zip(files, readable, strict=True) if ok]
+    skipped = [str(file.relative_to(directory)) for file, ok in zip(files, readable, strict=True) if not ok]
     if skipped:
-        names = ", ".join(str(p.relative_to(directory)) for p in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         warnings.warn(
-            f"Skipped {len(skipped)} unreadable or non-image file(s) in {directory}: {names}{more}", stacklevel=3
+            f"Skipped {len(skipped)} unreadable or non-image file(s) in {directory}: "
+            f"{', '.join(skipped[:10])}{more}",
+            stacklevel=3,
         )
-    if not good:
+    if not images:
         raise ValueError(f"No readable images found in {directory}")
-    parts = [p.relative_to(directory).parts for p in good]
-    labels = classes = None
-    if all(len(part) > 1 for part in parts):
-        classes = sorted({part[0] for part in parts})
-        labels = [classes.index(part[0]) for part in parts]
-    return ImageDataset(lambda i: _open_image(good[i]), len(good), labels, classes)
+    parts = [image.relative_to(directory).parts for image in images]
+    if any(len(part) == 1 for part in parts):  # an image outside every subfolder: no classes
+        return ImageDataset(images)
+    classes = sorted({part[0] for part in parts})
+    index = {name: i for i, name in enumerate(classes)}
+    return ImageDataset(images, [index[part[0]] for part in parts], classes)
 
 
-def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
-
-
-def hf_dataset(dataset, spec: str, image_column: str | None, label_column: str | None) -> ImageDataset:
-    """A Hugging Face ``datasets.Dataset`` with an image column and, optionally, a class-label column."""
-    from datasets import ClassLabel
+def hf_dataset(
+    dataset, image_column: str | None = None, label_column: str | None = None, *, name: str = "dataset"
+) -> ImageDataset:
+    """A Hugging Face ``datasets.Dataset``: images from ``image_column`` (default: the first ``Image()``
+    feature), labels from ``label_column`` (default: the first ``ClassLabel`` feature, else a column named
+    "label", else none). Other than ``ClassLabel``, integer labels are kept as class ids and other values are
+    numbered in sorted order."""
+    from datasets import ClassLabel, Value
     from datasets import Image as HFImage
 
     features = dataset.features
+    columns = list(features)
+    image_column = image_column or next((c for c in columns if isinstance(features[c], HFImage)), None)
     if image_column is None:
-        image_column = next((name for name, f in features.items() if isinstance(f, HFImage)), None)
-    if image_column not in features:
-        raise ValueError(f"{spec}: no image column {image_column!r}; columns are {list(features)}")
+        raise ValueError(f"{name}: no Image() column; columns are {columns} (pass the image column)")
     if label_column is None:
-        label_column = next((name for name, f in features.items() if isinstance(f, ClassLabel)), None)
+        label_column = next((c for c in columns if isinstance(features[c], ClassLabel)), None)
         label_column = label_column or ("label" if "label" in features else None)
-    elif label_column not in features:
-        raise ValueError(f"{spec}: no label column {label_column!r}; columns are {list(features)}")
+    for role, column in (("image", image_column), ("label", label_column)):
+        if column is not None and column not in features:
+            raise ValueError(f"{name}: no {role} column {column!r}; columns are {columns}")
     labels = classes = None
     if label_column is not None:
-        labels = dataset[label_column]
-        feature = features[label_column]
-        classes = feature.names if isinstance(feature, ClassLabel) else [str(c) for c in sorted(set(labels))]
-    images = dataset.select_columns([image_column])
-    return ImageDataset(lambda i: images[i][image_column], len(dataset), labels, classes)
+        feature, labels = features[label_column], dataset[label_column][:]
+        if isinstance(feature, ClassLabel):
+            classes = feature.names
+        elif not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
+            classes = sorted(set(labels))
+            index = {value: i for i, value in enumerate(classes)}
+            labels, classes = [index[value] for value in labels], [str(value) for value in classes]
+    return ImageDataset(dataset[image_column], labels, classes)
 
 
 def load_image_dataset(
     spec: str, split: str = "train", *, image_column: str | None = None, label_column: str | None = None
 ) -> ImageDataset:
-    """``builtin`` (default, scikit-learn digits), ``fashion-mnist``, a directory saved with HF ``save_to_disk``, an
-    HF ``imagefolder`` directory (with ``metadata.csv``/``.jsonl``) or any folder of images."""
+    """``"builtin"`` (scikit-learn digits, the default data), ``"fashion-mnist"``, a directory saved with HF
+    ``save_to_disk``, an HF ``imagefolder`` directory (with ``metadata.csv`` / ``.jsonl``) or any folder of
+    images. The column arguments apply to HF data."""
     if spec == "builtin":
         return builtin_digits(split)
     if spec == "fashion-mnist":
         return fashion_mnist(split)
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(
-            f"--data {spec!r}: expected 'builtin', 'fashion-mnist', a folder of images or a Hugging Face dataset "
-            "directory (save_to_disk or imagefolder), and no such directory exists"
-        )
-    if any((path / marker).exists() for marker in HF_SAVED_MARKERS):
+        raise ValueError(f"data {spec!r} is not a directory; expected {ACCEPTED}")
+    if any((path / marker).is_file() for marker in HF_SAVED_MARKERS):
         from datasets import DatasetDict, load_from_disk
 
         loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{spec}: no split {split!r}; splits are {list(loaded)}")
-            loaded = loaded[split]
-        elif split != "train":
-            raise ValueError(f"{spec}: a single saved dataset has no {split!r} split")
-        return hf_dataset(loaded, spec, image_column, label_column)
-    if any((path / name).exists() for name in IMAGEFOLDER_METADATA):
+        splits = loaded if isinstance(loaded, DatasetDict) else {"train": loaded}
+        return hf_dataset(_pick_split(split, spec, **splits), image_column, label_column, name=spec)
+    if any((path / name).is_file() for name in IMAGEFOLDER_METADATA):
         from datasets import load_dataset
 
-        return hf_dataset(
-            load_dataset("imagefolder", data_dir=str(path), split=split), spec, image_column, label_column
-        )
-    if split != "train":
-        raise ValueError(f"{spec}: an image folder has only the 'train' split")
-    return image_folder(path)
+        loaded = load_dataset("imagefolder", data_dir=str(path), split=split)
+        return hf_dataset(loaded, image_column, label_column, name=spec)
+    return image_folder(_pick_split(split, spec, train=path))
 
 
-def multi_view_collate(batch: Sequence[tuple]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``[(views, label), ...]`` -> ``([view_0 batch, view_1 batch, ...], labels)``; a single tensor counts as one
-    view."""
-    views = [item[0] if isinstance(item[0], list | tuple) else [item[0]] for item in batch]
+def multi_view_collate(
+    batch: Sequence[tuple[Sequence[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``[(views, label), ...]`` -> ``([view 0 of every item, view 1 of every item, ...], labels)``: views are
+    stacked per position, so crops of different sizes (DINO global / local) stay separate (B, C, H, W)
+    tensors."""
+    views, labels = zip(*batch, strict=True)
     stacked = [torch.stack(position) for position in zip(*views, strict=True)]
-    return stacked, torch.tensor([item[1] for item in batch], dtype=torch.long)
+    return stacked, torch.tensor(labels, dtype=torch.long)

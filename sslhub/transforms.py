@@ -1,4 +1,8 @@
-"""View recipes on torchvision.transforms.v2: each maps a PIL image to the list of views its method trains on."""
+"""View recipes on torchvision.transforms.v2, as in each method's official code.
+
+A recipe maps an RGB PIL image to the list of views its method trains on (float32, normalised, CHW);
+``eval_transform`` maps it to one tensor.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 class MultiView:
-    """Applies one transform per view: ``MultiView([t1, t2, t2])(image) -> [t1(image), t2(image), t2(image)]``."""
+    """One transform per view, each an independent draw: ``MultiView([t1, t2])(x) -> [t1(x), t2(x)]``."""
 
     def __init__(self, transforms: Sequence[Callable]):
         self.transforms = list(transforms)
@@ -23,37 +27,41 @@ class MultiView:
         return f"{type(self).__name__}({self.transforms})"
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """``ToTensor`` + ``Normalize`` of the official recipes, ending in a plain ``torch.Tensor``."""
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+        v2.ToPureTensor(),
+    ]
 
 
-def _blur_kernel(image_size: int) -> int:
-    """Odd kernel of about 10 % of the image side, at least 3: SimCLR's size for the σ∈[0.1, 2] blur that MoCo v2
-    applies with PIL's radius-based filter."""
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
-
-
-def _color_distortion(jitter: tuple[float, float, float, float]) -> list:
-    """Colour jitter (p=0.8) then grayscale (p=0.2), the SimCLR distortion used by MoCo v2 and DINO."""
-    return [v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
+def _color_distortion(saturation: float) -> list[v2.Transform]:
+    """SimCLR's colour distortion as MoCo v2 and DINO use it: jitter (brightness 0.4, contrast 0.4,
+    ``saturation``, hue 0.1) with p=0.8, then grayscale with p=0.2."""
+    return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
 
 
 def _blur(image_size: int, p: float) -> v2.Transform:
-    return v2.RandomApply([v2.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=p)
+    """Gaussian blur, σ ~ U[0.1, 2], with probability ``p``. The official code blurs with PIL (radius σ, no
+    kernel size); the kernel here is SimCLR's: odd, about 10 % of the image side, at least 3."""
+    kernel = max(3, 2 * (image_size // 20) + 1)
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
 
 def two_view_moco_v2(
     image_size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.2, 1.0)
 ) -> MultiView:
-    """MoCo v2 ``aug_plus`` (facebookresearch/moco ``main_moco.py``), drawn twice: random resized crop (scale
-    0.2-1), colour jitter 0.4/0.4/0.4/0.1 (p=0.8), grayscale (p=0.2), Gaussian blur σ∈[0.1, 2] (p=0.5), flip."""
+    """MoCo v2 ``aug_plus`` (facebookresearch/moco ``main_moco.py``), drawn twice: random resized crop, colour
+    jitter 0.4/0.4/0.4/0.1 (p=0.8), grayscale (p=0.2), blur (p=0.5), horizontal flip."""
     view = v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
-            *_color_distortion((0.4, 0.4, 0.4, 0.1)),
+            v2.RandomResizedCrop(image_size, scale=scale),
+            *_color_distortion(saturation=0.4),
             _blur(image_size, p=0.5),
             v2.RandomHorizontalFlip(),
-            *_to_normalized_tensor(mean, std),
+            *_normalize(mean, std),
         ]
     )
     return MultiView([view, view])
@@ -65,40 +73,42 @@ def multi_crop_dino(
     n_local: int,
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> MultiView:
-    """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): 2 global crops (blur p=1.0; blur
-    p=0.1 + solarisation p=0.2) and ``n_local`` local crops (blur p=0.5), each with flip, colour jitter
-    0.4/0.4/0.2/0.1 (p=0.8) and grayscale (p=0.2); bicubic resized crops."""
+    """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): ``[global 1, global 2, local
+    1..n]``. Every crop is a bicubic random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8) and
+    grayscale (p=0.2); global 1 is always blurred, global 2 blurred with p=0.1 and solarised (threshold 128)
+    with p=0.2, the locals blurred with p=0.5."""
 
-    def crop(size: int, scale: tuple[float, float], extra: list) -> v2.Compose:
+    def crop(size: int, scale: tuple[float, float], *extra: v2.Transform) -> v2.Compose:
         return v2.Compose(
             [
-                v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+                v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
                 v2.RandomHorizontalFlip(),
-                *_color_distortion((0.4, 0.4, 0.2, 0.1)),
+                *_color_distortion(saturation=0.2),
                 *extra,
-                *_to_normalized_tensor(mean, std),
+                *_normalize(mean, std),
             ]
         )
 
-    global_1 = crop(global_size, global_scale, [_blur(global_size, p=1.0)])
-    global_2 = crop(global_size, global_scale, [_blur(global_size, p=0.1), v2.RandomSolarize(128, p=0.2)])
-    local = crop(local_size, local_scale, [_blur(local_size, p=0.5)])
+    global_1 = crop(global_size, global_scale, _blur(global_size, p=1.0))
+    global_2 = crop(global_size, global_scale, _blur(global_size, p=0.1), v2.RandomSolarize(128, p=0.2))
+    local = crop(local_size, local_scale, _blur(local_size, p=0.5))
     return MultiView([global_1, global_2] + [local] * n_local)
 
 
 def single_view_mae(
     image_size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.2, 1.0)
 ) -> MultiView:
-    """MAE pretraining (facebookresearch/mae ``main_pretrain.py``): bicubic random resized crop (scale 0.2-1) and
-    flip only."""
+    """MAE pretraining (facebookresearch/mae ``main_pretrain.py``): bicubic random resized crop and horizontal
+    flip, nothing else."""
     view = v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=scale, interpolation=BICUBIC, antialias=True),
+            v2.RandomResizedCrop(image_size, scale=scale, interpolation=BICUBIC),
             v2.RandomHorizontalFlip(),
-            *_to_normalized_tensor(mean, std),
+            *_normalize(mean, std),
         ]
     )
     return MultiView([view])
@@ -107,13 +117,15 @@ def single_view_mae(
 def eval_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float | None = None
 ) -> v2.Compose:
-    """Resize to ``image_size / crop_pct`` (bicubic) and centre-crop, as timm / DINO evaluation (crop 0.875);
-    images of 64 px or less are resized without cropping."""
-    crop_pct = crop_pct if crop_pct is not None else (1.0 if image_size <= 64 else 0.875)
+    """Evaluation as timm and DINO ``eval_linear.py``: bicubic resize of the short side to
+    ``int(image_size / crop_pct)``, centre crop, normalise; one tensor. ``crop_pct`` defaults to 0.875
+    (256 -> 224), and to 1.0 (no crop) for images of 64 px or less."""
+    if crop_pct is None:
+        crop_pct = 1.0 if image_size <= 64 else 0.875
     return v2.Compose(
         [
-            v2.Resize(int(round(image_size / crop_pct)), interpolation=BICUBIC, antialias=True),
+            v2.Resize(int(image_size / crop_pct), interpolation=BICUBIC),
             v2.CenterCrop(image_size),
-            *_to_normalized_tensor(mean, std),
+            *_normalize(mean, std),
         ]
     )

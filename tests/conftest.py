@@ -2,3 +2,24 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Two classes of 24 RGB 32x32 PNG images, bright squares vs stripes on noise, one subfolder per class."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in ("squares", "stripes"):
+        (root / label).mkdir()
+        for i in range(24):
+            image = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+            if label == "squares":
+                image[8:24, 8:24] = 220
+            else:
+                image[:, ::4] = 180
+            Image.fromarray(image).save(root / label / f"{i}.png")
+    return root

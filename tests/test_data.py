@@ -9,42 +9,66 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from sslhub.data import DatasetNotFoundError, ImageDataset, load_image_dataset, multi_view_collate, to_rgb
 from sslhub.transforms import two_view_moco_v2
 
 
-def random_views(image_size=16):
-    return two_view_moco_v2(image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+def noise_images(count: int, size: int = 24) -> list[Image.Image]:
+    return [
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8))
+        for i in range(count)
+    ]
 
 
-def test_16_bit_and_other_modes_become_8_bit_rgb(tmp_path):
-    array16 = np.array([[0, 32768, 65535]], dtype=np.uint16)
-    Image.fromarray(array16).save(tmp_path / "deep.png")
+def test_16_bit_png_is_rescaled_not_clipped(tmp_path):
+    Image.fromarray(np.array([[0, 257, 32768, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as deep:
         rgb = to_rgb(deep)
-    assert rgb.mode == "RGB"
-    assert np.asarray(rgb)[0, :, 0].tolist() == [0, 128, 255]
+    assert rgb.mode == "RGB" and np.asarray(rgb)[0].tolist() == [[v] * 3 for v in (0, 1, 128, 255)]
+    as_int = Image.fromarray(np.array([[65535, 32768]], dtype=np.int32))  # mode "I", as older Pillow opens it
+    assert np.asarray(to_rgb(as_int))[0, :, 0].tolist() == [255, 128]
+
+
+def test_other_modes_become_rgb():
     rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
     palette = Image.new("P", (2, 2), 0)
     palette.putpalette([200, 100, 50] * 256)
-    palette.info["transparency"] = 0
-    assert np.asarray(to_rgb(palette))[0, 0].tolist() == [200, 100, 50]
-    assert np.asarray(to_rgb(Image.new("L", (1, 1), 77)))[0, 0].tolist() == [77, 77, 77]
-    assert np.asarray(to_rgb(Image.fromarray(np.array([[0.5]], dtype=np.float32))))[0, 0, 0] == 128
+    palette.info["transparency"] = bytes([0, 255])  # per-entry alpha, as PIL reads a PNG tRNS chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PIL warning about palette transparency either
+        converted = {
+            "RGBA": to_rgb(rgba),
+            "P": to_rgb(palette),
+            "L": to_rgb(Image.new("L", (1, 1), 77)),
+            "LA": to_rgb(Image.new("LA", (1, 1), (77, 0))),
+            "CMYK": to_rgb(Image.new("RGB", (1, 1), (10, 20, 30)).convert("CMYK")),
+            "F": to_rgb(Image.fromarray(np.array([[0.5]], dtype=np.float32))),
+        }
+    assert all(image.mode == "RGB" for image in converted.values())
+    pixels = {mode: np.asarray(image)[0, 0].tolist() for mode, image in converted.items()}
+    assert pixels == {
+        "RGBA": [10, 20, 30],
+        "P": [200, 100, 50],
+        "L": [77, 77, 77],
+        "LA": [77, 77, 77],
+        "CMYK": [10, 20, 30],
+        "F": [128, 128, 128],
+    }
 
 
 def test_views_are_a_function_of_seed_epoch_and_index():
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)) for i in range(3)]
-    dataset = ImageDataset(lambda i: images[i], 3, transform=random_views(), seed=7)
-    state_before, python_before = torch.get_rng_state(), random.getstate()
+    dataset = ImageDataset(noise_images(3), transform=two_view_moco_v2(16, (0.5,) * 3, (0.5,) * 3), seed=7)
+    torch_before, python_before = torch.get_rng_state(), random.getstate()
     first = dataset[1][0]
-    assert torch.equal(torch.get_rng_state(), state_before) and random.getstate() == python_before
+    assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == python_before
+    assert first[0].shape == first[1].shape == (3, 16, 16) and not torch.equal(first[0], first[1])
     torch.manual_seed(123)  # the global RNG must not matter
-    again = dataset[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not torch.equal(first[0], first[1])  # the two views are different draws
+    random.seed(123)
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1][0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[-2][0], strict=True))
+    assert not torch.equal(dataset[2][0][0], first[0])
     dataset.set_epoch(1)
     assert not torch.equal(dataset[1][0][0], first[0])
     dataset.set_epoch(0)
@@ -52,45 +76,64 @@ def test_views_are_a_function_of_seed_epoch_and_index():
     assert not torch.equal(dataset[1][0][0], first[0])
 
 
+def test_views_do_not_depend_on_dataloader_workers():
+    dataset = ImageDataset(noise_images(4), transform=two_view_moco_v2(16, (0.5,) * 3, (0.5,) * 3))
+    dataset.set_epoch(3)
+    in_process = [dataset[i][0] for i in range(4)]
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=multi_view_collate)
+    from_workers = [view for views, _ in loader for view in zip(*views, strict=True)]
+    assert all(torch.equal(a[v], b[v]) for a, b in zip(in_process, from_workers, strict=True) for v in (0, 1))
+
+
 def test_image_folder_labels_and_skipped_files(tmp_path):
-    for label in ("cat", "dog"):
+    for label in ("dog", "cat"):
         (tmp_path / label).mkdir()
         for i in range(2):
             Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / label / f"{i}.png")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "cat" / "notes.txt").write_text("hello")
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"hidden files are not data")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = load_image_dataset(str(tmp_path))
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "Skipped 2" in messages[0]
-    assert "broken.jpg" in messages[0] and "notes.txt" in messages[0]
+    assert len(messages) == 1 and "Skipped 2 " in messages[0], messages
+    assert "broken.jpg" in messages[0] and "notes.txt" in messages[0] and ".DS_Store" not in messages[0]
     assert len(dataset) == 4 and dataset.classes == ["cat", "dog"] and dataset.labels == [0, 0, 1, 1]
     image, label = dataset[3]
-    assert image.mode == "RGB" and label == 1
+    assert image.mode == "RGB" and label == 1 and image.getpixel((0, 0)) == (1, 0, 0)
 
 
-def test_flat_folder_has_no_labels_and_empty_folder_is_an_error(tmp_path):
+def test_flat_folder_has_no_labels_and_bad_specs_are_errors(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "sub" / "b.png")
     dataset = load_image_dataset(str(tmp_path))
-    assert dataset.labels is None and dataset[0][1] == -1
+    assert len(dataset) == 2 and dataset.labels is None and dataset[0][1] == -1
+    with pytest.raises(ValueError, match="splits \\['train'\\], not 'test'"):
+        load_image_dataset(str(tmp_path), "test")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="No readable images found in .*empty"):
         load_image_dataset(str(empty))
-    with pytest.raises(ValueError, match="'nope'.*builtin"):
+    with pytest.raises(ValueError, match="'nope'.*'builtin', 'fashion-mnist'.*save_to_disk.*of images"):
         load_image_dataset("nope")
 
 
-def test_builtin_digits_split():
+def test_builtin_digits_split_is_stratified():
     train, test = load_image_dataset("builtin", "train"), load_image_dataset("builtin", "test")
-    assert len(train) + len(test) == 1797 and len(test) == 360
-    assert np.bincount(test.labels).min() >= 35  # stratified: every digit ~36 times
+    assert (len(train), len(test)) == (1437, 360) and train.classes == [str(d) for d in range(10)]
+    per_class = np.bincount(train.labels) + np.bincount(test.labels)
+    assert np.abs(np.bincount(test.labels) - 0.2 * per_class).max() <= 1  # every digit 80 / 20
     image, label = train[0]
-    assert image.size == (8, 8) and 0 <= label <= 9
+    assert image.size == (8, 8) and image.mode == "RGB" and 0 <= label <= 9
+    assert np.asarray(image).max() > 200  # 0-16 scaled to 0-255
+    with pytest.raises(ValueError, match="'builtin' has the splits \\['train', 'test'\\], not 'val'"):
+        load_image_dataset("builtin", "val")
 
 
 def write_idx(path, array: np.ndarray) -> None:
+    """IDX as on yann.lecun.com: 0x0000, type 0x08 (ubyte), ndim, big-endian uint32 sizes, data."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.astype(np.uint8).tobytes())
@@ -106,24 +149,57 @@ def test_fashion_mnist_reader_and_missing_package(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(test[2][0])[..., 0], images[2])
     with pytest.raises(DatasetNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         load_image_dataset("fashion-mnist", "train")
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros((3, 1)))  # 2-d: not a labels file
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz is not a 1-d unsigned-byte IDX file"):
+        load_image_dataset("fashion-mnist", "test")
 
 
-def test_hf_saved_dataset_and_column_errors(tmp_path):
-    from datasets import ClassLabel, Dataset, Features
+@pytest.fixture
+def pictures():
+    return [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
+
+
+def test_hf_saved_dataset_and_column_errors(tmp_path, pictures):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
     from datasets import Image as HFImage
 
-    pictures = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(4)]
-    features = Features({"img": HFImage(), "kind": ClassLabel(names=["a", "b"])})
-    Dataset.from_dict({"img": pictures, "kind": [0, 1, 1, 0]}, features=features).save_to_disk(tmp_path / "ds")
-    dataset = load_image_dataset(str(tmp_path / "ds"))
+    features = Features({"kind": ClassLabel(names=["a", "b"]), "img": HFImage()})
+    data = Dataset.from_dict({"img": pictures, "kind": [0, 1, 1, 0]}, features=features)
+    data.save_to_disk(tmp_path / "single")
+    DatasetDict(train=data.select([0, 1]), validation=data.select([2, 3])).save_to_disk(tmp_path / "dict")
+    dataset = load_image_dataset(str(tmp_path / "single"))
     assert dataset.labels == [0, 1, 1, 0] and dataset.classes == ["a", "b"]
-    assert np.asarray(dataset[2][0])[0, 0].tolist() == [80, 0, 0]
-    with pytest.raises(ValueError, match=r"no label column 'label'; columns are \['img', 'kind'\]"):
-        load_image_dataset(str(tmp_path / "ds"), label_column="label")
+    assert dataset[2][0].mode == "RGB" and dataset[2][0].getpixel((0, 0)) == (80, 0, 0)
+    validation = load_image_dataset(str(tmp_path / "dict"), "validation")
+    assert validation.labels == [1, 0] and validation[0][0].getpixel((0, 0)) == (80, 0, 0)
+    with pytest.raises(ValueError, match="splits \\['train', 'validation'\\], not 'test'"):
+        load_image_dataset(str(tmp_path / "dict"), "test")
+    with pytest.raises(ValueError, match="no label column 'label'; columns are \\['img', 'kind'\\]"):
+        load_image_dataset(str(tmp_path / "single"), label_column="label")
+    with pytest.raises(ValueError, match="no image column 'image'; columns are \\['img', 'kind'\\]"):
+        load_image_dataset(str(tmp_path / "single"), image_column="image")
+
+
+def test_hf_imagefolder_with_metadata_and_string_labels(tmp_path, pictures, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, picture in enumerate(pictures):
+        picture.save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,label\n0.png,dog\n1.png,cat\n2.png,dog\n3.png,cat\n")
+    dataset = load_image_dataset(str(folder))
+    assert dataset.classes == ["cat", "dog"] and dataset.labels == [1, 0, 1, 0]
+    assert dataset[1][0].getpixel((0, 0)) == (40, 0, 0)
 
 
 def test_multi_view_collate_stacks_each_view_position():
-    batch = [([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1), ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 5)]
+    batch = [
+        ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1),
+        ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 5),
+    ]
     views, labels = multi_view_collate(batch)
     assert [v.shape for v in views] == [(2, 3, 4, 4), (2, 3, 2, 2)]
-    assert views[0][1].eq(1).all() and views[1][1].eq(0).all() and labels.tolist() == [1, 5]
+    assert views[0][1].eq(1).all() and views[1][1].eq(0).all() and views[0][0].eq(0).all()
+    assert labels.dtype == torch.long and labels.tolist() == [1, 5]

@@ -7,22 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_images")
-    rng = np.random.default_rng(1)
-    for label in ("a", "b"):
-        (root / label).mkdir()
-        for i in range(24):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
-    return root
 
 
 def run_two_processes(output_dir: Path, data: Path, model: str, overrides: dict) -> list[dict]:

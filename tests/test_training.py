@@ -5,30 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import sslhub
 from sslhub.cli import main as cli_main
 from sslhub.training import PretrainArguments, checkpoint_dirs, learning_rate_at, pretrain
 
 SHALLOW = {"backbone_kwargs": {"depth": 2}}  # 2-block ViTs keep the tests fast
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Two classes of 24 RGB 32x32 images: bright squares vs dark stripes, with noise."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label in ("squares", "stripes"):
-        (root / label).mkdir()
-        for i in range(24):
-            image = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-            if label == "squares":
-                image[8:24, 8:24] = 220
-            else:
-                image[:, ::4] = 180
-            Image.fromarray(image).save(root / label / f"{i}.png")
-    return root
 
 
 def tiny_args(data, output_dir, **overrides) -> PretrainArguments:

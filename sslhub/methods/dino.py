@@ -175,10 +175,10 @@ class DINO(SSLMethod):
         """Per-parameter gradient clipping (``utils.clip_gradients``) and, during the first ``freeze_last_layer``
         epochs, no update of the head's last layer (``utils.cancel_gradients_last_layer``)."""
         if self.hparams.clip_grad is not None:
-            for param in [*self.student.parameters(), *self.student_head.parameters()]:
-                if param.grad is not None:
-                    norm = param.grad.norm()
-                    param.grad.mul_(torch.clamp(self.hparams.clip_grad / (norm + 1e-6), max=1.0))
+            params = [*self.student.parameters(), *self.student_head.parameters()]
+            grads = [p.grad for p in params if p.grad is not None]
+            scales = [torch.clamp(self.hparams.clip_grad / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)]
+            torch._foreach_mul_(grads, scales)
         if progress.epoch < self.hparams.freeze_last_layer:
             for param in self.student_head.last_layer.parameters():
                 param.grad = None
