@@ -156,6 +156,6 @@ def test_cli_list_and_pretrain(image_folder, tmp_path, capsys):
 def test_builtin_demo_learns(tmp_path):
     """The README's main job, shortened: MoCo v2 on the digits beats the same backbone at random init."""
     result = pretrain(
-        PretrainArguments(output_dir=str(tmp_path), epochs=3, batch_size=128, log_with=None, progress=False)
+        PretrainArguments(output_dir=str(tmp_path), epochs=2, batch_size=128, log_with=None, progress=False)
     )
     assert result.knn_final > result.knn_random_init + 0.02
