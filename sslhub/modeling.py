@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from sslhub.backbones import create_backbone, default_pooling, pool_features
 from sslhub.configuration import SSLConfig
+from sslhub.hub import render_model_card, save_model_card
 from sslhub.registry import get_method
 
 
@@ -29,6 +31,25 @@ class SSLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights are initialised by timm and by each method when the modules are built."""
+
+    def model_card(self, training: dict | None = None, results: dict | None = None):
+        """The Hub model card (``huggingface_hub.ModelCard``) of this model; ``training`` and ``results`` add the
+        pretraining recipe and kNN / linear accuracies."""
+        return render_model_card(
+            method=self.config.method,
+            backbone=self.config.backbone,
+            task="pretraining" if isinstance(self, SSLForPreTraining) else "features",
+            num_parameters=self.num_parameters(),
+            method_info=get_method(self.config.method).card_info(),
+            training=training,
+            results=results,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """``config.json`` + ``model.safetensors`` (transformers), and a ``README.md`` model card if there is none."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not (Path(save_directory) / "README.md").exists():
+            save_model_card(self.model_card(), save_directory)
 
 
 class SSLModel(SSLPreTrainedModel):

@@ -28,7 +28,7 @@ from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, load_image_dataset, multi_view_collate
 from sslhub.evaluation import knn_evaluate
 from sslhub.factory import create_model, from_pretrained
-from sslhub.hub import render_model_card, save_model_card
+from sslhub.hub import save_model_card
 from sslhub.methods.base import SSLMethod, TrainingProgress
 from sslhub.modeling import SSLForPreTraining
 from sslhub.transforms import eval_transform
@@ -207,43 +207,26 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep: 
 def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: TrainingState, epochs: int) -> None:
     """The released encoder (``SSLModel``) in ``output_dir`` and the full ``SSLForPreTraining`` in
     ``output_dir/pretraining``, each with its model card; files are moved into place only once all are written."""
-    method = model.method
     released = model.released_model()
-    hparams = {k: v for k, v in model.config.method_kwargs.items()}
     training = {
         "data": args.data,
         "epochs": epochs,
         "steps": state.step,
         "batch_size": args.batch_size,
         "seed": args.seed,
-        **hparams,
+        **model.config.method_kwargs,
     }
     results = None
     if state.knn_history:
         results = {f"knn_top1_k{args.knn_k}": state.knn_history[-1][1]}
         training[f"knn_top1_k{args.knn_k}_at_random_init"] = state.knn_random_init
-    method_info = {
-        "paper": method.paper,
-        "arxiv": method.arxiv,
-        "citation": method.citation,
-        "released_encoder": method.released,
-    }
     output = Path(args.output_dir)
-    for subdir, task, net in (("", "features", released), ("pretraining", "pretraining", model)):
+    for subdir, net in (("", released), ("pretraining", model)):
         target = output / subdir
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
+            save_model_card(net.model_card(training, results), tmp)
             net.save_pretrained(tmp)
-            card = render_model_card(
-                method=method.name,
-                backbone=model.config.backbone,
-                task=task,
-                num_parameters=net.num_parameters(),
-                method_info=method_info,
-                training=training,
-                results=results,
-            )
-            save_model_card(card, tmp)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), target / name)
 

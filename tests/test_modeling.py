@@ -55,7 +55,8 @@ def test_pretraining_round_trip_is_exact(preset, tmp_path, images):
         else (sslhub.create_model(preset, task="pretraining"))
     )
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "library_name: sslhub" in (tmp_path / "README.md").read_text()
     loaded = sslhub.from_pretrained(tmp_path)
     assert type(loaded) is sslhub.SSLForPreTraining
     assert loaded.config.method_kwargs == model.config.method_kwargs

@@ -1,6 +1,8 @@
 """The Accelerate pretraining loop: outputs, exact resume, checkpoints, the CLI and the built-in demo."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,10 @@ def test_builtin_demo_learns(tmp_path):
         PretrainArguments(output_dir=str(tmp_path), epochs=2, batch_size=128, log_with=None, progress=False)
     )
     assert result.knn_final > result.knn_random_init + 0.02
+
+
+def test_python_dash_m_entry_point():
+    listed = subprocess.run(
+        [sys.executable, "-m", "sslhub", "list", "moco_*"], capture_output=True, text=True, check=True
+    )
+    assert "moco_v2_resnet50" in listed.stdout and "dino" not in listed.stdout

@@ -105,6 +105,11 @@ class SSLMethod(nn.Module):
         values = dataclasses.asdict(hparams)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
+    @classmethod
+    def card_info(cls) -> dict[str, str]:
+        """What the model card says about the method."""
+        return {"paper": cls.paper, "arxiv": cls.arxiv, "citation": cls.citation, "released_encoder": cls.released}
+
     # ---- networks --------------------------------------------------------------------------------
     def create_backbone(self, **extra) -> nn.Module:
         return create_backbone(self.config.backbone, **{**self.config.backbone_kwargs, **extra})
