@@ -8,6 +8,7 @@ states written atomically, and ``resume`` continues exactly: data order and augm
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -135,22 +136,22 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
 
 
 def monitor_datasets(args: PretrainArguments, train: ImageDataset, transform) -> tuple | None:
-    """(memory bank, queries) for the kNN monitor: the data's test split when it has one, else a seeded stratified
-    20 % of the training images; ``None`` when the data has no labels."""
+    """(memory bank, queries) for the kNN monitor: the training images (a copy of ``train`` with the evaluation
+    ``transform``) against the data's test split when it has one, else a seeded stratified 20 % of the training
+    images; ``None`` when the data has no labels."""
     if train.labels is None or args.knn_every <= 0:
         return None
+    bank = copy.copy(train)
+    bank.transform = transform
     try:
-        bank = load_image_dataset(args.data, "train", image_column=args.image_column, label_column=args.label_column)
         queries = load_image_dataset(args.data, "test", image_column=args.image_column, label_column=args.label_column)
+        queries.transform = transform
         bank_index, query_index = list(range(len(bank))), list(range(len(queries)))
     except (ValueError, KeyError, FileNotFoundError):
-        bank = queries = load_image_dataset(
-            args.data, "train", image_column=args.image_column, label_column=args.label_column
-        )
+        queries = bank
         bank_index, query_index = train_test_split(
             list(range(len(bank))), test_size=0.2, random_state=args.seed, stratify=bank.labels
         )
-    bank.transform = queries.transform = transform
     bank_index = _stratified_subset(bank_index, bank.labels, args.knn_max_train, args.seed)
     query_index = _stratified_subset(query_index, queries.labels, args.knn_max_test, args.seed)
     return Subset(bank, bank_index), Subset(queries, query_index)
