@@ -3,7 +3,7 @@
 from sslhub.configuration import SSLConfig
 from sslhub.factory import create_model, from_pretrained, to_timm
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
-from sslhub.registry import list_methods, list_models
+from sslhub.registry import list_methods, list_models, list_pretrained
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,6 @@ __all__ = [
     "from_pretrained",
     "list_methods",
     "list_models",
+    "list_pretrained",
     "to_timm",
 ]

@@ -1,4 +1,4 @@
-"""Command-line front: ``sslhub list`` and ``sslhub pretrain`` (``python -m sslhub`` too)."""
+"""Command-line front: ``sslhub list``, ``sslhub pretrain``, ``sslhub convert`` (``python -m sslhub`` too)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from sslhub.registry import get_preset, list_models
+from sslhub.registry import get_preset, get_pretrained, list_models, list_pretrained
 
 # flag -> (type, help); defaults come from PretrainArguments
 PRETRAIN_FLAGS = {
@@ -94,9 +94,40 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
 
 
 def _run_list(ns: argparse.Namespace) -> int:
+    if ns.pretrained:
+        for name in list_pretrained(ns.pattern):
+            tag = get_pretrained(name)
+            metrics = ", ".join(f"{metric} {value:.1f}" for metric, value in tag.metrics.items())
+            print(f"{name:36s} {tag.license:13s} {metrics:26s} {tag.hf_hub_id or tag.url}")
+        return 0
     for name in list_models(ns.pattern):
         preset = get_preset(name)
         print(f"{name:32s} {preset.method:10s} {preset.backbone:26s} {preset.image_size:4d}px  {preset.description}")
+    return 0
+
+
+def _add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert an official checkpoint (file or transformers directory) into an sslhub checkpoint"
+    )
+    parser.add_argument("--model", required=True, help="sslhub preset (or preset.tag) the checkpoint belongs to")
+    parser.add_argument("--checkpoint", required=True, help="the authors' file, or a transformers model directory")
+    parser.add_argument("--output", required=True, help="sslhub checkpoint directory to write")
+    parser.add_argument(
+        "--task",
+        default="features",
+        choices=["features", "pretraining"],
+        help="'features': the released encoder; 'pretraining': also heads / teacher / queue",
+    )
+    parser.add_argument("--layout", default=None, help="checkpoint layout (default: detected from the file)")
+
+
+def _run_convert(ns: argparse.Namespace) -> int:
+    from sslhub.conversion.convert import convert_checkpoint, save_atomically
+
+    model = convert_checkpoint(ns.model, ns.checkpoint, task=ns.task, layout=ns.layout)
+    save_atomically(model, ns.output)
+    print(f"Converted {ns.checkpoint} ({ns.model}, {ns.task}) to {ns.output}")
     return 0
 
 
@@ -105,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     list_parser = subparsers.add_parser("list", help="list the model presets")
     list_parser.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'dino_*'")
+    list_parser.add_argument("--pretrained", action="store_true", help="list the releases with official weights")
     _add_pretrain_parser(subparsers)
+    _add_convert_parser(subparsers)
     ns = parser.parse_args(argv)
     try:
-        return {"list": _run_list, "pretrain": _run_pretrain}[ns.command](ns)
-    except (ValueError, FileNotFoundError) as err:
+        return {"list": _run_list, "pretrain": _run_pretrain, "convert": _run_convert}[ns.command](ns)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"sslhub {ns.command}: error: {err}", file=sys.stderr)
         return 2
 

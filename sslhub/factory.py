@@ -8,6 +8,7 @@ from torch import nn
 
 from sslhub.configuration import SSLConfig
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
+from sslhub.registry import get_pretrained
 
 TASKS: dict[str, type[SSLPreTrainedModel]] = {
     "features": SSLModel,
@@ -23,30 +24,37 @@ def _model_class(task: str) -> type[SSLPreTrainedModel]:
 
 
 def create_model(
-    name: str, task: str = "features", pretrained: bool = False, **overrides
+    name: str,
+    task: str = "features",
+    pretrained: bool = False,
+    pretrained_path: str | os.PathLike | None = None,
+    **overrides,
 ) -> SSLPreTrainedModel:
-    """A preset (``sslhub.list_models()``) as a randomly initialised model.
+    """A preset (``sslhub.list_models()``), randomly initialised, or with ``pretrained=True`` a released
+    ``"preset.tag"`` (``sslhub.list_pretrained()``) with the authors' weights, converted on first use and cached.
 
     ``task``: ``"features"`` (``SSLModel``, the released encoder), ``"pretraining"`` (``SSLForPreTraining``) or
     ``"classification"`` (``SSLForImageClassification``, pass ``num_labels``). ``overrides`` replace config fields
     or method hyperparameters, e.g. ``create_model("moco_v2_resnet18", task="pretraining", queue_size=4096)``.
+    ``pretrained_path``: the release's file (or Hugging Face directory) already on disk, for offline use.
     """
     model_class = _model_class(task)
+    if pretrained:
+        from sslhub.conversion.pretrained import load_pretrained
+
+        return load_pretrained(name, task, pretrained_path, **overrides)
+    if pretrained_path is not None:
+        raise ValueError("pretrained_path is only used with pretrained=True")
     preset, _, tag = name.partition(".")
-    if pretrained or tag:
-        raise ValueError(
-            f"No pretrained weights are registered for {name!r}: this release of sslhub ships architectures "
-            "only. Load your own checkpoint with sslhub.from_pretrained(DIR)."
-        )
+    if tag:
+        overrides = {**get_pretrained(name).overrides, **overrides}
     return model_class(SSLConfig.from_preset(preset, **overrides))
 
 
 def from_pretrained(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> SSLPreTrainedModel:
     """Load an sslhub checkpoint (local directory or Hub repo id) as the class it was saved from, or as ``task``."""
     if task is None:
-        config = SSLConfig.from_pretrained(
-            name_or_path, **{k: v for k, v in kwargs.items() if k == "revision"}
-        )
+        config = SSLConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "revision"})
         saved = (config.architectures or ["SSLModel"])[0]
         model_class = {cls.__name__: cls for cls in TASKS.values()}.get(saved, SSLModel)
     else:

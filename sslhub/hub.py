@@ -53,6 +53,7 @@ def render_model_card(
     results: dict[str, float] | None = None,
     model_id: str | None = None,
     license: str = "apache-2.0",
+    source: str | None = None,
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
@@ -61,6 +62,7 @@ def render_model_card(
     ``training``: flat dict of pretraining hyperparameters; ``training["data"]`` names the data (a local path is
     shown by its last component only). ``results``: metric name -> top-1 accuracy in [0, 1] (e.g.
     ``{"kNN top-1 (k=20)": 0.91}``; ``None`` values are skipped), written to the body and to ``model-index``.
+    ``source``: where converted weights come from (the authors' release), shown under "Pretraining".
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
@@ -107,6 +109,7 @@ def render_model_card(
         citation=(method_info.get("citation") or "").strip(),
         released_encoder=method_info.get("released_encoder"),
         data_name=data_name,
+        source=source,
         hyperparameters=[(_cell(key), _cell(value)) for key, value in hyperparameters.items()],
         results=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in results.items()],
     )

@@ -32,9 +32,10 @@ class SSLPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Weights are initialised by timm and by each method when the modules are built."""
 
-    def model_card(self, training: dict | None = None, results: dict | None = None):
+    def model_card(self, training: dict | None = None, results: dict | None = None, **card_fields):
         """The Hub model card (``huggingface_hub.ModelCard``) of this model; ``training`` and ``results`` add the
-        pretraining recipe and kNN / linear accuracies."""
+        pretraining recipe and accuracies, ``card_fields`` the other arguments of ``sslhub.hub.render_model_card``
+        (``license``, ``model_id``, ``source``)."""
         return render_model_card(
             method=self.config.method,
             backbone=self.config.backbone,
@@ -43,6 +44,7 @@ class SSLPreTrainedModel(PreTrainedModel):
             method_info=get_method(self.config.method).card_info(),
             training=training,
             results=results,
+            **card_fields,
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:

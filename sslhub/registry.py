@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type[SSLMethod]] = {}
 _PRESETS: dict[str, Preset] = {}
+_PRETRAINED: dict[str, PretrainedTag] = {}
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,42 @@ class Preset:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+
+
+@dataclass(frozen=True)
+class PretrainedTag:
+    """Released weights of a preset, as the authors publish them: ``{preset}.{tag}``.
+
+    ``url``: the authors' download of the released encoder; ``full_url``: their full training checkpoint (heads,
+    teacher, queue), used for ``task="pretraining"`` when it exists; ``hf_hub_id`` / ``hf_filename``: a Hub copy
+    in plain timm format (safetensors) when one exists, preferred for the encoder; ``layout``: the converter that
+    reads the authors' file (``sslhub.conversion.layouts``); ``metrics``: the authors' published ImageNet top-1
+    accuracies in percent, e.g. ``{"linear": 77.0, "knn": 74.5}``; ``epochs``: pretraining epochs (``None``
+    where the authors' README does not state them); ``license``: SPDX id of the weights' licence; ``source``:
+    where the facts come from; ``overrides``: config fields that differ from the preset (input size, mean / std).
+    """
+
+    preset: str
+    tag: str
+    url: str
+    layout: str
+    license: str
+    epochs: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    full_url: str | None = None
+    hf_hub_id: str | None = None
+    hf_filename: str = "model.safetensors"
+    dataset: str = "imagenet-1k"
+    source: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}.{self.tag}"
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
 
 
 def _load_methods() -> None:
@@ -52,6 +89,13 @@ def register_preset(preset: Preset) -> Preset:
     return preset
 
 
+def register_pretrained(tag: PretrainedTag) -> PretrainedTag:
+    if tag.name in _PRETRAINED:
+        raise ValueError(f"pretrained tag {tag.name!r} is registered twice")
+    _PRETRAINED[tag.name] = tag
+    return tag
+
+
 def get_method(name: str) -> type[SSLMethod]:
     _load_methods()
     if name not in _METHODS:
@@ -68,6 +112,20 @@ def get_preset(name: str) -> Preset:
     return _PRESETS[name]
 
 
+def get_pretrained(name: str) -> PretrainedTag:
+    """The release ``name`` = ``"{preset}.{tag}"``; a preset alone picks its first registered tag (timm's rule)."""
+    _load_methods()
+    if name in _PRETRAINED:
+        return _PRETRAINED[name]
+    preset, _, tag = name.partition(".")
+    candidates = [t for t in _PRETRAINED.values() if t.preset == preset]
+    if candidates and not tag:
+        return candidates[0]
+    known = [t.name for t in candidates] or list_pretrained(f"{preset.split('_')[0]}_*")
+    hint = f" Releases of that model: {known}." if known else ""
+    raise ValueError(f"No pretrained weights are registered as {name!r}; `sslhub list --pretrained` shows them.{hint}")
+
+
 def list_methods() -> list[str]:
     """Registered method ids, e.g. ``['dino', 'mae', 'moco_v2']``."""
     _load_methods()
@@ -78,3 +136,9 @@ def list_models(pattern: str = "*") -> list[str]:
     """Preset names matching a shell-style ``pattern`` (``'dino_*'``)."""
     _load_methods()
     return sorted(name for name in _PRESETS if fnmatch.fnmatchcase(name, pattern))
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """``"{preset}.{tag}"`` names of the registered releases matching ``pattern`` (``'dino_*'``)."""
+    _load_methods()
+    return sorted(name for name in _PRETRAINED if fnmatch.fnmatchcase(name, pattern))

@@ -16,7 +16,7 @@ from sslhub.distributed import mean_over_processes
 from sslhub.heads import DINOHead
 from sslhub.losses import dino_cross_entropy
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule
-from sslhub.registry import Preset, register_method, register_preset
+from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 from sslhub.transforms import multi_crop_dino
 
 
@@ -77,11 +77,10 @@ class DINO(SSLMethod):
         super().__init__(config)
         hp = self.hparams
         with torch.device("meta"):  # only the architecture is needed to choose the options
-            vit = is_vision_transformer(self.create_backbone())
-        extra = {"dynamic_img_size": True} if vit else {}
-        student = (
-            self.create_backbone(drop_path_rate=hp.drop_path_rate, **extra) if vit else self.create_backbone()
-        )
+            probe = self.create_backbone()
+        vit = is_vision_transformer(probe)
+        extra = {"dynamic_img_size": True} if hasattr(probe, "dynamic_img_size") else {}  # timm ViTs; XCiT is native
+        student = self.create_backbone(drop_path_rate=hp.drop_path_rate, **extra) if vit else self.create_backbone()
         teacher = self.create_backbone(**extra)
         teacher.load_state_dict(student.state_dict())
         pooling = config.pooling or default_pooling(student)
@@ -126,9 +125,7 @@ class DINO(SSLMethod):
         )
 
     @staticmethod
-    def _multi_crop_forward(
-        backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    def _multi_crop_forward(backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run consecutive crops of equal resolution as one batch (``MultiCropWrapper``), then the head once."""
         features, start = [], 0
         while start < len(crops):
@@ -167,9 +164,7 @@ class DINO(SSLMethod):
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
         batch_center = mean_over_processes(teacher_out.mean(dim=0, keepdim=True))
-        self.center.mul_(self.hparams.center_momentum).add_(
-            batch_center, alpha=1 - self.hparams.center_momentum
-        )
+        self.center.mul_(self.hparams.center_momentum).add_(batch_center, alpha=1 - self.hparams.center_momentum)
 
     def on_before_optimizer_step(self, progress: TrainingProgress) -> None:
         """Per-parameter gradient clipping (``utils.clip_gradients``) and, during the first ``freeze_last_layer``
@@ -196,6 +191,10 @@ for _arch in (
     "vit_base_patch16_224",
     "vit_small_patch8_224",
     "vit_base_patch8_224",
+    "xcit_small_12_p16_224",
+    "xcit_small_12_p8_224",
+    "xcit_medium_24_p16_224",
+    "xcit_medium_24_p8_224",
 ):
     register_preset(Preset(f"dino_{_arch}", "dino", _arch, description=f"DINO on a timm {_arch}"))
 
@@ -228,3 +227,32 @@ register_preset(
         description="DINO, ViT-Tiny with 4 px patches for 32 px images; 4096 prototypes, short warm-ups",
     )
 )
+
+DINO_RELEASES = "https://dl.fbaipublicfiles.com/dino"
+# (preset, the authors' folder, timm's Hub copy, ImageNet kNN and linear top-1, epochs) from the README of
+# facebookresearch/dino ("Pretrained models") and timm's ``.dino`` tags; epochs only where an ``args.txt`` states them.
+for _preset, _folder, _hub, _knn, _linear, _epochs in (
+    ("dino_vit_small_patch16_224", "dino_deitsmall16_pretrain", "timm/vit_small_patch16_224.dino", 74.5, 77.0, None),
+    ("dino_vit_small_patch8_224", "dino_deitsmall8_pretrain", "timm/vit_small_patch8_224.dino", 78.3, 79.7, None),
+    ("dino_vit_base_patch16_224", "dino_vitbase16_pretrain", "timm/vit_base_patch16_224.dino", 76.1, 78.2, 400),
+    ("dino_vit_base_patch8_224", "dino_vitbase8_pretrain", "timm/vit_base_patch8_224.dino", 77.4, 80.1, None),
+    ("dino_resnet50", "dino_resnet50_pretrain", None, 67.5, 75.3, None),
+    ("dino_xcit_small_12_p16_224", "dino_xcit_small_12_p16_pretrain", None, 76.0, 77.8, None),
+    ("dino_xcit_small_12_p8_224", "dino_xcit_small_12_p8_pretrain", None, 77.1, 79.2, None),
+    ("dino_xcit_medium_24_p16_224", "dino_xcit_medium_24_p16_pretrain", None, 76.4, 78.8, None),
+    ("dino_xcit_medium_24_p8_224", "dino_xcit_medium_24_p8_pretrain", None, 77.9, 80.3, None),
+):
+    register_pretrained(
+        PretrainedTag(
+            _preset,
+            "in1k",
+            url=f"{DINO_RELEASES}/{_folder}/{_folder}.pth",
+            full_url=f"{DINO_RELEASES}/{_folder}/{_folder}_full_checkpoint.pth",
+            layout="backbone",
+            license="apache-2.0",
+            epochs=_epochs,
+            metrics={"knn": _knn, "linear": _linear},
+            hf_hub_id=_hub,
+            source="facebookresearch/dino README, Pretrained models",
+        )
+    )

@@ -16,7 +16,7 @@ from sslhub.heads import MAEDecoder, xavier_init_weights
 from sslhub.losses import masked_patch_mse
 from sslhub.masking import patchify, random_masking, sincos_2d_position_embedding
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod
-from sslhub.registry import Preset, register_method, register_preset
+from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 from sslhub.transforms import single_view_mae
 
 
@@ -92,9 +92,7 @@ class MAE(SSLMethod):
 
     def view_transform(self):
         cfg = self.config
-        return single_view_mae(
-            cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0)
-        )
+        return single_view_mae(cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0))
 
     def encode_visible(self, images: torch.Tensor, noise: torch.Tensor | None = None):
         """``forward_encoder``: embed patches, add position embeddings, keep a random 25 %, prepend the class token,
@@ -110,9 +108,7 @@ class MAE(SSLMethod):
         images = views[0]
         tokens, mask, ids_restore = self.encode_visible(images, noise)
         prediction = self.decoder(tokens, ids_restore)
-        loss = masked_patch_mse(
-            prediction, patchify(images, self.patch_size), mask, self.hparams.norm_pix_loss
-        )
+        loss = masked_patch_mse(prediction, patchify(images, self.patch_size), mask, self.hparams.norm_pix_loss)
         return MethodOutput(loss)
 
 
@@ -135,3 +131,24 @@ register_preset(
         description="MAE, ViT-Tiny with 4 px patches for 32 px images; decoder 2 x 128 and 2 warm-up epochs",
     )
 )
+
+# The released 1600-epoch norm-pix-loss encoders (facebookresearch/mae README and FINETUNE.md; the files hold no
+# decoder): fine-tuning top-1 from the README, linear probing from the paper (Table 3 / §4), timm's ``.mae`` copies.
+for _preset, _size, _hub, _finetune, _linear in (
+    ("mae_vit_base_patch16_224", "base", "timm/vit_base_patch16_224.mae", 83.6, 68.0),
+    ("mae_vit_large_patch16_224", "large", "timm/vit_large_patch16_224.mae", 85.9, 75.8),
+    ("mae_vit_huge_patch14_224", "huge", "timm/vit_huge_patch14_224.mae", 86.9, 76.6),
+):
+    register_pretrained(
+        PretrainedTag(
+            _preset,
+            "in1k",
+            url=f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{_size}.pth",
+            layout="mae",
+            license="cc-by-nc-4.0",
+            epochs=1600,
+            metrics={"finetune": _finetune, "linear": _linear},
+            hf_hub_id=_hub,
+            source="facebookresearch/mae README and FINETUNE.md",
+        )
+    )

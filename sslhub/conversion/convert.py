@@ -1,0 +1,154 @@
+"""``convert_checkpoint``: an official checkpoint (file or Hugging Face directory) into an sslhub model, loaded
+strictly: every missing, unexpected or wrongly shaped key is reported, and nothing is written on failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from sslhub.configuration import SSLConfig
+from sslhub.conversion.layouts import LAYOUTS, Converted, _preview, detect_layout
+from sslhub.conversion.loading import CheckpointError, load_file_state, load_hf_directory
+from sslhub.factory import TASKS
+from sslhub.modeling import SSLForPreTraining, SSLPreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+def read_checkpoint(checkpoint: str | os.PathLike, layout: str | None = None) -> Converted:
+    """Load ``checkpoint`` without executing code and map it to sslhub names (``layout`` detected if not given)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        from sslhub.conversion.hf_transformers import convert_hf_directory
+
+        return convert_hf_directory(*load_hf_directory(path), source=str(path))
+    container = load_file_state(path)
+    layout = layout or detect_layout(container)
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{path}: unknown layout {layout!r}; sslhub reads {sorted(LAYOUTS)}")
+    return LAYOUTS[layout](container, str(path))
+
+
+def _shape_problems(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected  # the model's order: embeddings first
+        if key in state and state[key].shape != expected[key].shape
+    ]
+
+
+def _mismatch_error(what: str, missing=(), unexpected=(), wrong=()) -> CheckpointError:
+    problems = [
+        f"{label} ({len(items)}): {_preview(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if items
+    ]
+    return CheckpointError(f"{what} does not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state)`` after checking names and shapes; one error lists every difference."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = _shape_problems(state, expected)
+    if missing or unexpected or wrong:
+        raise _mismatch_error(what, missing, unexpected, wrong)
+    module.load_state_dict(state)
+
+
+def _backbone_copies(method: nn.Module, released: nn.Module) -> list[str]:
+    """Prefixes of every copy of the released encoder inside a method (MoCo query/key, DINO student/teacher)."""
+    keys = released.state_dict().keys()
+    return [
+        f"{name}." for name, m in method.named_modules() if type(m) is type(released) and m.state_dict().keys() == keys
+    ]
+
+
+def timm_filter(
+    state: dict[str, torch.Tensor], encoder: nn.Module, backbone: str, what: str
+) -> dict[str, torch.Tensor]:
+    """The architecture's own timm ``checkpoint_filter_fn`` (authors' names -> timm names, e.g. XCiT's fused
+    class-attention ``qkv``; identity for timm names), after checking that tensors named as in the model have its
+    shapes."""
+    wrong = _shape_problems(state, encoder.state_dict())
+    if wrong:  # timm would resample patch / position embeddings: a different model, never silently
+        raise _mismatch_error(f"{what}, encoder for {backbone},", wrong=wrong)
+    module = sys.modules[timm.models.model_entrypoint(backbone).__module__]
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    return filter_fn(dict(state), encoder) if filter_fn is not None else state
+
+
+def build_converted_model(
+    config: SSLConfig, converted: Converted, task: str = "features", source: str = "checkpoint"
+) -> SSLPreTrainedModel:
+    """A ``task`` model for ``config`` holding the converted weights (eval mode).
+
+    For ``"pretraining"`` the file's heads / teacher / queue are loaded when it has them; a file holding only the
+    released encoder initialises every encoder copy from it and leaves the heads at their initialisation.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
+    model = TASKS[task](config)
+    what = f"{source} ({converted.layout})"
+    if not isinstance(model, SSLForPreTraining):
+        encoder = model.backbone if task == "features" else model.ssl.backbone
+        load_strict(encoder, timm_filter(converted.backbone, encoder, config.backbone, what), what)
+        return model.eval()
+    released = model.method.released_backbone
+    if converted.method is None:
+        copies = dict.fromkeys(_backbone_copies(model.method, released), converted.backbone)
+        logger.warning("%s holds only the released encoder: the %s heads keep their initialisation", source,
+                       config.method)  # fmt: skip
+    else:
+        copies = converted.method_encoders
+    state = dict(converted.method or {})
+    for prefix, encoder_state in copies.items():
+        state.update(
+            {prefix + key: value for key, value in timm_filter(encoder_state, released, config.backbone, what).items()}
+        )
+    load_strict(model.method, state, what)
+    return model.eval()
+
+
+def convert_checkpoint(
+    model: str,
+    checkpoint: str | os.PathLike,
+    task: str = "features",
+    layout: str | None = None,
+    **overrides,
+) -> SSLPreTrainedModel:
+    """The official ``checkpoint`` as the sslhub preset ``model`` (``sslhub list``), for ``task``
+    (``"features"``, ``"pretraining"``, ``"classification"``). Hyperparameters the file records (head sizes,
+    queue length, a DINO run's arguments) are applied before ``overrides``. Raises ``CheckpointError`` naming the
+    file and every mismatched key."""
+    converted = read_checkpoint(checkpoint, layout)
+    config = SSLConfig.from_preset(model.partition(".")[0])
+    recorded = {key: value for key, value in converted.method_overrides.items() if key in config.method_kwargs}
+    config = config.with_overrides(**recorded, **overrides)
+    return build_converted_model(config, converted, task, str(checkpoint))
+
+
+def save_atomically(model: SSLPreTrainedModel, output_dir: str | os.PathLike, card=None) -> Path:
+    """``save_pretrained`` into a temporary sibling directory, then rename it to ``output_dir`` (replacing it)."""
+    output = Path(output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial_"))
+    try:
+        if card is not None:
+            card.save(tmp / "README.md")
+        model.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

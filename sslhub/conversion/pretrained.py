@@ -1,0 +1,113 @@
+"""``create_model("name.tag", pretrained=True)``: fetch the authors' release, convert it once, cache the result.
+
+Where the weights come from, in order: ``pretrained_path`` (a file or HF directory already on disk); the file of
+that name in ``$SSLHUB_PRETRAINED_DIR``; the Hub copy in timm format (``huggingface_hub`` and its cache,
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) when the tag names one and the task needs only the encoder; else the authors'
+URL (``torch.hub`` download with a progress bar, into the sslhub cache). The converted model is saved as an sslhub
+checkpoint under ``$SSLHUB_CACHE`` (default ``~/.cache/sslhub``), so the next call only loads safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from sslhub.configuration import SSLConfig
+from sslhub.conversion.convert import build_converted_model, read_checkpoint, save_atomically
+from sslhub.conversion.loading import CheckpointError
+from sslhub.registry import PretrainedTag, get_method, get_preset, get_pretrained
+
+CACHE_ENV = "SSLHUB_CACHE"
+PRETRAINED_DIR_ENV = "SSLHUB_PRETRAINED_DIR"
+
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sslhub"
+    return Path(os.environ.get(CACHE_ENV, default))
+
+
+def _download_url(url: str, destination: Path) -> Path:
+    if destination.is_file():
+        return destination
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(
+            f"{destination.name} is not in the sslhub cache and HF_HUB_OFFLINE is set: download {url} yourself and "
+            f"pass pretrained_path=FILE (or put it in ${PRETRAINED_DIR_ENV})"
+        )
+    import torch.hub
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(destination), progress=True)  # writes a temp file, then renames
+    return destination
+
+
+def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """``(path, layout)`` of the file to convert for ``tag``; layout ``""`` means "detect from the file"."""
+    if pretrained_path is not None:
+        path = Path(pretrained_path)
+        if not path.exists():
+            raise CheckpointError(f"pretrained_path {str(path)!r} does not exist")
+        return path, ""
+    want_full = task == "pretraining" and tag.full_url
+    url = tag.full_url if want_full else tag.url
+    local_dir = os.environ.get(PRETRAINED_DIR_ENV)
+    if local_dir and (Path(local_dir) / url.rsplit("/", 1)[-1]).is_file():
+        return Path(local_dir) / url.rsplit("/", 1)[-1], ""
+    if tag.hf_hub_id and not want_full:
+        try:
+            return Path(hf_hub_download(tag.hf_hub_id, tag.hf_filename)), "backbone"
+        except HfHubHTTPError as err:
+            raise CheckpointError(
+                f"{tag.name}: could not download {tag.hf_filename} from {tag.hf_hub_id} ({err})"
+            ) from err
+        except LocalEntryNotFoundError as err:
+            raise CheckpointError(
+                f"{tag.name}: {tag.hf_hub_id}/{tag.hf_filename} is not in the Hugging Face cache and the Hub cannot be "
+                f"reached (offline); pass pretrained_path=FILE with {tag.file_name} from {tag.url}"
+            ) from err
+    return _download_url(url, cache_root() / "downloads" / url.rsplit("/", 1)[-1]), ""
+
+
+def _stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def load_pretrained(name: str, task: str = "features", pretrained_path=None, **overrides):
+    """The release ``name`` (``"preset.tag"``) as a ``task`` model, converted on first use and cached."""
+    from sslhub.factory import from_pretrained
+
+    tag = get_pretrained(name)
+    cached_task = "pretraining" if task == "pretraining" else "features"
+    path, layout = release_source(tag, cached_task, pretrained_path)
+    cache_dir = cache_root() / "converted" / tag.name / cached_task
+    stamp = _stamp(path)
+    stamp_file = cache_dir / "source.json"
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+        converted = read_checkpoint(path, layout or None)
+        config = SSLConfig.from_preset(tag.preset, **tag.overrides)
+        recorded = {k: v for k, v in converted.method_overrides.items() if k in config.method_kwargs}
+        model = build_converted_model(config.with_overrides(**recorded), converted, cached_task, str(path))
+        card = model.model_card(**release_card_fields(tag))
+        save_atomically(model, cache_dir, card)
+        stamp_file.write_text(json.dumps(stamp))
+    config = SSLConfig.from_pretrained(cache_dir).with_overrides(**overrides)
+    return from_pretrained(cache_dir, task=task, config=config)
+
+
+def release_card_fields(tag: PretrainedTag) -> dict:
+    """What a converted release's model card says: source, licence, the authors' recipe summary and metrics."""
+    training = {"data": tag.dataset, "epochs": tag.epochs, "weights": tag.url}
+    results = {f"ImageNet {metric} top-1 (authors)": value / 100 for metric, value in tag.metrics.items()}
+    method = get_method(get_preset(tag.preset).method)
+    return {
+        "training": training,
+        "results": results,
+        "license": tag.license,
+        "model_id": tag.name,
+        "source": f"{tag.source or method.paper}: {tag.url}",
+    }
