@@ -98,7 +98,7 @@ def _run_list(ns: argparse.Namespace) -> int:
         for name in list_pretrained(ns.pattern):
             tag = get_pretrained(name)
             metrics = ", ".join(f"{metric} {value:.1f}" for metric, value in tag.metrics.items())
-            print(f"{name:36s} {tag.license:13s} {metrics:26s} {tag.hf_hub_id or tag.url}")
+            print(f"{name:42s} {tag.license:13s} {metrics:28s} {tag.hf_hub_id or tag.url}")
         return 0
     for name in list_models(ns.pattern):
         preset = get_preset(name)

@@ -18,18 +18,24 @@ from sslhub.masking import sincos_2d_position_embedding
 class MLPHead(nn.Sequential):
     """Linear layers with ReLU (and optional BatchNorm) between them: ``dims = (in, hidden..., out)``.
 
-    MoCo v2 (arXiv 2003.04297): ``MLPHead((2048, 2048, 128))`` = fc-ReLU-fc.
+    ``batch_norm``: Linear-BN-ReLU hidden layers (the hidden Linear layers then have no bias); ``bias=False``: no
+    Linear layer has a bias; ``last_bn``: a BatchNorm without affine parameters after the last Linear layer.
+    MoCo v1 (arXiv 1911.05722): ``MLPHead((2048, 128))`` = fc. MoCo v2 (arXiv 2003.04297):
+    ``MLPHead((2048, 2048, 128))`` = fc-ReLU-fc. MoCo v3 (arXiv 2104.02057, ``builder._build_mlp``):
+    ``MLPHead((2048, 4096, 256), batch_norm=True, bias=False, last_bn=True)`` = fc-BN-ReLU-fc-BN.
     """
 
-    def __init__(self, dims: Sequence[int], batch_norm: bool = False):
+    def __init__(self, dims: Sequence[int], batch_norm: bool = False, bias: bool = True, last_bn: bool = False):
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             hidden = i < len(dims) - 2
-            layers.append(nn.Linear(d_in, d_out, bias=not (batch_norm and hidden)))
+            layers.append(nn.Linear(d_in, d_out, bias=bias and not (batch_norm and hidden)))
             if hidden:
                 if batch_norm:
                     layers.append(nn.BatchNorm1d(d_out))
                 layers.append(nn.ReLU(inplace=True))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(dims[-1], affine=False))
         super().__init__(*layers)
 
 

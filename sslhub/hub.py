@@ -54,6 +54,7 @@ def render_model_card(
     model_id: str | None = None,
     license: str = "apache-2.0",
     source: str | None = None,
+    pretrained_name: str | None = None,
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
@@ -62,7 +63,8 @@ def render_model_card(
     ``training``: flat dict of pretraining hyperparameters; ``training["data"]`` names the data (a local path is
     shown by its last component only). ``results``: metric name -> top-1 accuracy in [0, 1] (e.g.
     ``{"kNN top-1 (k=20)": 0.91}``; ``None`` values are skipped), written to the body and to ``model-index``.
-    ``source``: where converted weights come from (the authors' release), shown under "Pretraining".
+    ``source``: where converted weights come from (the authors' release), shown under "Pretraining";
+    ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads.
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
@@ -110,6 +112,7 @@ def render_model_card(
         released_encoder=method_info.get("released_encoder"),
         data_name=data_name,
         source=source,
+        pretrained_name=pretrained_name,
         hyperparameters=[(_cell(key), _cell(value)) for key, value in hyperparameters.items()],
         results=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in results.items()],
     )

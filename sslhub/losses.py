@@ -23,6 +23,20 @@ def info_nce_with_queue(
     return F.cross_entropy(logits, labels)
 
 
+def moco_v3_contrastive(
+    query: torch.Tensor, keys: torch.Tensor, temperature: float, positive_offset: int = 0
+) -> torch.Tensor:
+    """MoCo v3's ``ctr(q, k)`` (Chen et al. 2021, arXiv 2104.02057, eq. 1 and Algorithm 1).
+
+    ``2τ · mean_i -log( exp(q_i·k_{i+o}/τ) / Σ_j exp(q_i·k_j/τ) )``: the positive of query ``i`` is key ``i + o``,
+    every other key is a negative; the factor 2τ is the official code's. ``query``: (B, D) L2-normalised;
+    ``keys``: (M, D) L2-normalised, the keys of all processes; ``positive_offset`` o = rank × B.
+    """
+    logits = query @ keys.t() / temperature
+    labels = torch.arange(query.shape[0], device=query.device) + positive_offset
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
 def dino_cross_entropy(
     student_logits: Sequence[torch.Tensor],
     teacher_logits: Sequence[torch.Tensor],

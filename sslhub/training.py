@@ -1,9 +1,9 @@
 """The Accelerate pretraining loop (DESIGN.md §2): one code path for one CPU, many GPUs and ``accelerate launch``.
 
 Optimizer and schedules come from the method's hyperparameters (linear lr scaling with the batch size, linear
-warm-up then cosine, the method's own momentum / temperature / weight-decay schedules); checkpoints are Accelerate
-states written atomically, and ``resume`` continues exactly: data order and augmentations are functions of
-(seed, epoch, sample index), and the RNG, model, optimizer and step are restored.
+warm-up then cosine or MoCo v1's step schedule, the method's own momentum / temperature / weight-decay schedules);
+checkpoints are Accelerate states written atomically, and ``resume`` continues exactly: data order and augmentations
+are functions of (seed, epoch, sample index), and the RNG, model, optimizer and step are restored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from sslhub.factory import create_model, from_pretrained
 from sslhub.hub import save_model_card
 from sslhub.methods.base import SSLMethod, TrainingProgress
 from sslhub.modeling import SSLForPreTraining
+from sslhub.optim import LARS
 from sslhub.transforms import eval_transform
 
 DEFAULT_MODEL = "moco_v2_resnet18_32px"
@@ -124,6 +126,8 @@ def build_optimizer(method: SSLMethod, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=lr, momentum=hp.sgd_momentum)
     if hp.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+    if hp.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=hp.sgd_momentum)
     raise ValueError(f"Unknown optimizer {hp.optimizer!r} in the hyperparameters of {method.name!r}")
 
 
@@ -133,6 +137,11 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def step_learning_rate_at(epoch: int, peak: float, milestones: Sequence[int], factor: float = 0.1) -> float:
+    """``peak`` times ``factor`` for every milestone epoch reached (MoCo v1 ``main_moco.py`` without ``--cos``)."""
+    return peak * factor ** sum(epoch >= milestone for milestone in milestones)
 
 
 def monitor_datasets(args: PretrainArguments, train: ImageDataset, transform) -> tuple | None:
@@ -316,9 +325,15 @@ class Pretrainer:
         if self.args.log_with:
             self.accelerator.log(values, step=self.state.step)
 
+    def learning_rate(self, progress: TrainingProgress) -> float:
+        """The method's ``lr_schedule``: warm-up + cosine per step, or the step schedule per epoch."""
+        if self.hparams.lr_schedule == "step":
+            return step_learning_rate_at(progress.epoch, self.peak_lr, self.hparams.lr_milestones)
+        return learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, self.hparams.min_lr)
+
     def set_schedules(self, progress: TrainingProgress) -> None:
-        """Learning rate (warm-up + cosine), weight decay of the decayed groups, and the method's own schedules."""
-        lr = learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, self.hparams.min_lr)
+        """Learning rate, weight decay of the decayed groups, and the method's own schedules."""
+        lr = self.learning_rate(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group["weight_decay"] > 0:

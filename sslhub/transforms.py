@@ -50,6 +50,39 @@ def _blur(image_size: int, p: float) -> v2.Transform:
     return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
 
+def _byol_view(crop: v2.Transform, *extra: v2.Transform, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """``crop``, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), then ``extra`` (blur, solarise)."""
+    return v2.Compose(
+        [crop, v2.RandomHorizontalFlip(), *_color_distortion(saturation=0.2), *extra, *_normalize(mean, std)]
+    )
+
+
+def _byol_pair(crop: v2.Transform, size: int, mean: Sequence[float], std: Sequence[float]) -> list[v2.Compose]:
+    """BYOL's asymmetric views (arXiv 2006.07733, Table 6): the first always blurred, the second blurred with p=0.1
+    and solarised (threshold 128) with p=0.2."""
+    return [
+        _byol_view(crop, _blur(size, p=1.0), mean=mean, std=std),
+        _byol_view(crop, _blur(size, p=0.1), v2.RandomSolarize(128, p=0.2), mean=mean, std=std),
+    ]
+
+
+def two_view_moco_v1(
+    image_size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.2, 1.0)
+) -> MultiView:
+    """MoCo v1 (facebookresearch/moco ``main_moco.py`` without ``--aug-plus``), drawn twice: random resized crop,
+    grayscale (p=0.2), colour jitter 0.4/0.4/0.4/0.4 (always), horizontal flip."""
+    view = v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=scale),
+            v2.RandomGrayscale(p=0.2),
+            v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            v2.RandomHorizontalFlip(),
+            *_normalize(mean, std),
+        ]
+    )
+    return MultiView([view, view])
+
+
 def two_view_moco_v2(
     image_size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.2, 1.0)
 ) -> MultiView:
@@ -67,6 +100,15 @@ def two_view_moco_v2(
     return MultiView([view, view])
 
 
+def two_view_moco_v3(
+    image_size: int, mean: Sequence[float], std: Sequence[float], scale: tuple[float, float] = (0.08, 1.0)
+) -> MultiView:
+    """MoCo v3 (facebookresearch/moco-v3 ``main_moco.py``): BYOL's asymmetric pair with bilinear random resized
+    crops. The official code flips last; flipping commutes with the colour operations and the isotropic blur, so
+    the views have the same distribution."""
+    return MultiView(_byol_pair(v2.RandomResizedCrop(image_size, scale=scale), image_size, mean, std))
+
+
 def multi_crop_dino(
     global_size: int,
     local_size: int,
@@ -79,24 +121,12 @@ def multi_crop_dino(
 ) -> MultiView:
     """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): ``[global 1, global 2, local
     1..n]``. Every crop is a bicubic random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8) and
-    grayscale (p=0.2); global 1 is always blurred, global 2 blurred with p=0.1 and solarised (threshold 128)
-    with p=0.2, the locals blurred with p=0.5."""
-
-    def crop(size: int, scale: tuple[float, float], *extra: v2.Transform) -> v2.Compose:
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
-                v2.RandomHorizontalFlip(),
-                *_color_distortion(saturation=0.2),
-                *extra,
-                *_normalize(mean, std),
-            ]
-        )
-
-    global_1 = crop(global_size, global_scale, _blur(global_size, p=1.0))
-    global_2 = crop(global_size, global_scale, _blur(global_size, p=0.1), v2.RandomSolarize(128, p=0.2))
-    local = crop(local_size, local_scale, _blur(local_size, p=0.5))
-    return MultiView([global_1, global_2] + [local] * n_local)
+    grayscale (p=0.2); the two global crops are BYOL's pair (global 1 always blurred, global 2 blurred with p=0.1
+    and solarised with p=0.2), the locals blurred with p=0.5."""
+    global_crop = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=BICUBIC)
+    local_crop = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=BICUBIC)
+    local = _byol_view(local_crop, _blur(local_size, p=0.5), mean=mean, std=std)
+    return MultiView(_byol_pair(global_crop, global_size, mean, std) + [local] * n_local)
 
 
 def single_view_mae(

@@ -8,20 +8,26 @@ torchvision's ResNet-50 for the ResNet releases, and the authors' ViT written ou
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from huggingface_hub import ModelCard
 from torch import nn
 
 import sslhub
 from sslhub.cli import main as cli_main
 from sslhub.conversion.convert import convert_checkpoint
 from sslhub.conversion.loading import CheckpointError
+from sslhub.registry import get_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -101,17 +107,48 @@ def test_dino_vit_backbone_file_matches_the_authors_vit(tmp_path, vit_small_stat
     assert relative_error(out.pooler_output, expected[:, 0]) < 1e-4
 
 
-def test_moco_v3_vit_small_has_twelve_heads(tmp_path, vit_small_state, images):
-    """MoCo v3's ViT-S uses 12 heads (README): same tensor shapes as DINO's, different attention."""
-    pytest.importorskip("sslhub.methods.moco_v3")
-    state = {f"module.base_encoder.{k}": v for k, v in vit_small_state.items()}
+def official_moco_v3_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """moco-v3 ``_build_mlp``: [Linear(no bias), BN, ReLU] * (num_layers - 1), Linear(no bias), BN(affine=False)."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
+        if not last:
+            layers += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    for module in layers:
+        if isinstance(module, nn.BatchNorm1d):
+            module.running_mean.uniform_(-1, 1)
+    return nn.Sequential(*layers)
+
+
+def test_moco_v3_vit_small_file_has_twelve_heads_and_its_heads(tmp_path, vit_small_state, images):
+    """``vit-s-300ep.pth.tar``: MoCo v3's ViT-S has 12 heads (README), the same tensor shapes as DINO's ViT-S with
+    6, so only the forward can tell them apart. Projector 3 layers in ``head``, predictor 2 layers with a last BN
+    (hidden 512 / out 64 here instead of 4096 / 256, to keep the file small: the sizes are read off the file)."""
+    torch.manual_seed(7)
+    projector, predictor = official_moco_v3_mlp(3, 384, 512, 64, True), official_moco_v3_mlp(2, 64, 512, 64, True)
+    state = {"module.predictor." + k: v for k, v in predictor.state_dict().items()}
+    for name in ("base", "momentum"):  # the same tensors twice: torch.save stores them once
+        state |= {f"module.{name}_encoder.{k}": v for k, v in vit_small_state.items()}
+        state |= {f"module.{name}_encoder.head.{k}": v for k, v in projector.state_dict().items()}
     path = tmp_path / "vit-s-300ep.pth.tar"
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": state}, path)
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": state, "optimizer": {}, "scaler": {}}, path)
+
     model = convert_checkpoint("moco_v3_vit_small_patch16_224", path)
     with torch.no_grad():
         pooled = model(images).pooler_output
     expected = official_vit_tokens(vit_small_state, images, heads=12, depth=12, patch=16)[:, 0]
     assert relative_error(pooled, expected) < 1e-4
+
+    full = convert_checkpoint("moco_v3_vit_small_patch16_224", path, task="pretraining").method
+    assert (full.hparams.mlp_hidden_dim, full.hparams.embed_dim) == (512, 64)
+    with torch.no_grad():
+        tokens = full.base_encoder.backbone.forward_features(images)
+        assert relative_error(full.base_projector(tokens[:, 0]), projector.eval()(expected)) < 1e-4
+        assert relative_error(full.predictor(projector(expected)), predictor.eval()(projector(expected))) < 1e-4
+    assert torch.equal(full.momentum_projector[7].running_mean, projector[7].running_mean)
 
 
 def test_mae_encoder_file_matches_the_authors_vit(tmp_path, images):
@@ -305,7 +342,8 @@ def test_wrong_model_for_the_file_lists_every_wrong_shape_and_writes_nothing(tmp
     torch.save(vit_small_state, path)
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)dino_deitsmall16_pretrain.pth.*wrong shape \(150\): \['cls_token: file \(1, 1, 384\) vs model \(1, 1, 768\)",
+        match=r"(?s)dino_deitsmall16_pretrain.pth.*wrong shape \(150\): "
+        r"\['cls_token: file \(1, 1, 384\) vs model \(1, 1, 768\)",
     ):
         convert_checkpoint("dino_vit_base_patch16_224", path)
     output = tmp_path / "converted"
@@ -410,3 +448,32 @@ def test_cli_convert_and_list_pretrained(tmp_path, vit_small_state, capsys):
     assert cli_main(["list", "--pretrained", "dino_*"]) == 0
     listed = capsys.readouterr().out
     assert "dino_vit_small_patch16_224.in1k" in listed and "mae_" not in listed
+
+
+# ---- conversion/convert_official.py: the zoo script and the model_cards/ catalogue ---------------------------------
+def _zoo_script():
+    spec = importlib.util.spec_from_file_location("convert_official", ROOT / "conversion" / "convert_official.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zoo_script_converts_and_verifies_against_timm(tmp_path, vit_small_state):
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(vit_small_state, path)
+    result = _zoo_script().convert_release(get_pretrained("dino_vit_small_patch16_224.in1k"), path, tmp_path / "out")
+    assert result["independent_rel_error"] < 1e-4
+    assert result["reload_max_abs_diff"] == 0.0
+    assert (tmp_path / "out" / "dino_vit_small_patch16_224.in1k" / "model.safetensors").is_file()
+
+
+def test_model_cards_catalogue_lists_every_release_as_the_registry_renders_it(tmp_path, monkeypatch):
+    script = _zoo_script()
+    monkeypatch.setattr(script, "CARDS", tmp_path)
+    committed = ROOT / "model_cards"
+    for name in sslhub.list_pretrained():
+        fresh = script.write_card(get_pretrained(name), org=None)
+        assert (committed / fresh.name).read_text() == fresh.read_text(), f"model_cards/{fresh.name} is stale"
+        card = ModelCard.load(fresh)
+        assert card.data.license == get_pretrained(name).license and card.data.eval_results
+    assert len(list(committed.glob("*.md"))) == len(sslhub.list_pretrained())

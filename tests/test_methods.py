@@ -1,4 +1,4 @@
-"""The objectives (MoCo v2, DINO, MAE) built through ``sslhub.create_model(preset, task="pretraining")``.
+"""The objectives (MoCo v1/v2, DINO, MAE) built through ``sslhub.create_model(preset, task="pretraining")``.
 
 Each test checks one rule of the paper / official code against numbers computed here: the momentum updates, the
 queue, the center, the schedules, the gradient edits, the released encoder, the MAE forward pass, and that one
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
 
 import sslhub
 from sslhub.losses import dino_cross_entropy, info_nce_with_queue, masked_patch_mse
@@ -155,6 +157,23 @@ def test_moco_eval_forward_changes_no_state():
     state = copy.deepcopy(method.state_dict())
     method.eval()(moco_views())
     assert_params_equal(method.state_dict(), state)
+
+
+def test_moco_v1_is_moco_with_a_linear_projection_temperature_007_and_v1_views():
+    """``main_moco.py`` without ``--mlp --aug-plus --cos``: fc 512 -> 128 with bias (``head_q.0``), τ = 0.07."""
+    method = build("moco_v1_resnet18", image_size=32, queue_size=64).method.train()
+    for head in (method.head_q, method.head_k):
+        assert [type(m) for m in head] == [nn.Linear]
+        assert (head[0].in_features, head[0].out_features, head[0].bias is not None) == (512, 128, True)
+    perturb_(method, KEY)
+    queue = method.queue.clone()
+    loss = method(moco_views()).loss
+    query, key = moco_embeddings(method, moco_views())
+    torch.testing.assert_close(loss, info_nce_with_queue(query, key, queue, 0.07))
+    view = method.view_transform().transforms[0]
+    assert [type(t) for t in view.transforms[:4]] == [
+        v2.RandomResizedCrop, v2.RandomGrayscale, v2.ColorJitter, v2.RandomHorizontalFlip
+    ]  # fmt: skip
 
 
 # ---- DINO -----------------------------------------------------------------------------------------------------------

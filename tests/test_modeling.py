@@ -112,4 +112,4 @@ def test_classification_loss_and_pretrained_not_registered():
     out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 3]))
     assert out.loss.ndim == 0 and out.logits.shape == (2, 4)
     with pytest.raises(ValueError, match="No pretrained weights"):
-        sslhub.create_model("moco_v2_resnet50", pretrained=True)
+        sslhub.create_model("moco_v2_resnet18", pretrained=True)

@@ -10,7 +10,8 @@ import torch
 
 import sslhub
 from sslhub.cli import main as cli_main
-from sslhub.training import PretrainArguments, checkpoint_dirs, learning_rate_at, pretrain
+from sslhub.methods import TrainingProgress
+from sslhub.training import PretrainArguments, Pretrainer, checkpoint_dirs, learning_rate_at, pretrain
 
 SHALLOW = {"backbone_kwargs": {"depth": 2}}  # 2-block ViTs keep the tests fast
 
@@ -38,6 +39,19 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
     assert learning_rate_at(10, 100, 10, peak, minimum) == pytest.approx(peak)
     assert learning_rate_at(55, 100, 10, peak, minimum) == pytest.approx(minimum + (peak - minimum) / 2)
     assert learning_rate_at(100, 100, 10, peak, minimum) == pytest.approx(minimum)
+
+
+def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tmp_path):
+    """MoCo v1 (``main_moco.py`` without ``--cos``): lr = base x 0.1^(milestones reached), set per epoch."""
+    overrides = {"queue_size": 64, "image_size": 32, "lr_milestones": [1, 3]}
+    args = tiny_args(image_folder, tmp_path, model="moco_v1_resnet18", epochs=4, knn_every=0, overrides=overrides)
+    trainer = Pretrainer(args)
+    peak = 0.03 * 16 / 256
+    for step, expected in ((0, peak), (2, peak), (3, peak / 10), (8, peak / 10), (9, peak / 100), (11, peak / 100)):
+        trainer.set_schedules(TrainingProgress(step, trainer.total_steps, trainer.steps_per_epoch))  # 3 steps/epoch
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
+    with pytest.raises(ValueError, match="no warm-up"):
+        sslhub.create_model("moco_v1_resnet18", warmup_epochs=1)
 
 
 def test_pretrain_saves_loadable_encoder_and_pretraining_model(image_folder, tmp_path):

@@ -6,7 +6,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from sslhub.transforms import eval_transform, multi_crop_dino, single_view_mae, two_view_moco_v2
+from sslhub.transforms import (
+    eval_transform,
+    multi_crop_dino,
+    single_view_mae,
+    two_view_moco_v1,
+    two_view_moco_v2,
+    two_view_moco_v3,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,10 +82,51 @@ def test_dino_multi_crop_sizes_and_asymmetric_global_views(image):
     assert find(two_view_moco_v2(32, MEAN, STD), v2.ColorJitter)[0].saturation == (0.6, 1.4)
 
 
+def test_moco_v1_views_are_crop_grayscale_jitter_flip_without_blur(image):
+    """``main_moco.py`` without ``--aug-plus``: jitter 0.4/0.4/0.4/0.4 always applied, after grayscale (p=0.2)."""
+    recipe = two_view_moco_v1(32, MEAN, STD)
+    view = recipe.transforms[0]
+    crop, gray, jitter, flip = view.transforms[:4]
+    assert [type(t) for t in (crop, gray, jitter, flip)] == [
+        v2.RandomResizedCrop, v2.RandomGrayscale, v2.ColorJitter, v2.RandomHorizontalFlip
+    ]  # fmt: skip
+    assert crop.scale == (0.2, 1.0) and gray.p == 0.2
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)
+    )  # fmt: skip
+    assert not find(recipe, v2.RandomApply) and not find(recipe, v2.GaussianBlur)
+    views = recipe(image)
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2 and not torch.equal(views[0], views[1])
+
+
+def test_moco_v3_views_are_byols_asymmetric_pair(image):
+    """facebookresearch/moco-v3 ``main_moco.py``: bilinear crops of scale (0.08, 1), jitter 0.4/0.4/0.2/0.1 (p=0.8),
+    grayscale (p=0.2); blur p=1.0 / 0.1, solarise p=0 / 0.2."""
+    recipe = two_view_moco_v3(32, MEAN, STD)
+    first, second = recipe.transforms
+    assert [find(view, v2.RandomApply)[-1].p for view in (first, second)] == [1.0, 0.1]  # blur
+    assert not find(first, v2.RandomSolarize)
+    assert [(t.threshold, t.p) for t in find(second, v2.RandomSolarize)] == [(128, 0.2)]
+    jitter = find(first, v2.ColorJitter)[0]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
+    )  # fmt: skip
+    assert [find(view, v2.RandomApply)[0].p for view in (first, second)] == [0.8, 0.8]  # jitter
+    assert [find(view, v2.RandomGrayscale)[0].p for view in (first, second)] == [0.2, 0.2]
+    crops = find(recipe, v2.RandomResizedCrop)
+    assert {(c.scale, v2.InterpolationMode(c.interpolation)) for c in crops} == {
+        ((0.08, 1.0), v2.InterpolationMode.BILINEAR)
+    }
+    views = recipe(image)
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2 and not torch.equal(views[0], views[1])
+
+
 def test_every_recipe_works_on_tiny_images():
     tiny = Image.fromarray(np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8))
     for recipe in (
+        two_view_moco_v1(32, MEAN, STD),
         two_view_moco_v2(32, MEAN, STD),
+        two_view_moco_v3(32, MEAN, STD),
         multi_crop_dino(32, 16, 2, mean=MEAN, std=STD),
         single_view_mae(32, MEAN, STD),
     ):

@@ -128,6 +128,31 @@ def moco(container, source: str) -> Converted:
     return Converted("moco", backbone_q, method, encoder_copies, overrides, left_out)
 
 
+def moco_v3(container, source: str) -> Converted:
+    """facebookresearch/moco-v3 ``main_moco.py``: ``{'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}``;
+    ``state_dict`` of DDP(MoCo_ResNet / MoCo_ViT): ``module.base_encoder.*`` and ``module.momentum_encoder.*``
+    (backbone with the projector ``_build_mlp`` in the classifier slot, ``fc`` for ResNets, ``head`` for ViTs) and
+    ``module.predictor.*``. The released encoder is the base encoder without the projector."""
+    reader = KeyReader(_entry(container, "state_dict", source), source)
+    encoders, projectors = {}, {}
+    for name in ("base", "momentum"):
+        encoder = reader.take(f"module.{name}_encoder.")
+        if not encoder:
+            raise CheckpointError(f"{source}: no 'module.{name}_encoder.' keys: not a MoCo v3 checkpoint")
+        slot = "head." if any(key.startswith("head.") for key in encoder) else "fc."
+        projectors[name] = {key[len(slot) :]: value for key, value in encoder.items() if key.startswith(slot)}
+        encoders[name] = {key: value for key, value in encoder.items() if not key.startswith(slot)}
+    predictor = reader.take("module.predictor.")
+    reader.finish()
+    method = _prefixed("base_projector.", projectors["base"]) | _prefixed("momentum_projector.", projectors["momentum"])
+    method |= _prefixed("predictor.", predictor)
+    copies = {"base_encoder.backbone.": encoders["base"], "momentum_encoder.backbone.": encoders["momentum"]}
+    linear = [value for key, value in projectors["base"].items() if key.endswith("weight") and value.ndim == 2]
+    overrides = {"mlp_hidden_dim": linear[0].shape[0], "embed_dim": linear[-1].shape[0]}
+    left_out = _leftover_entries(container, {"state_dict"})
+    return Converted("moco_v3", encoders["base"], method, copies, overrides, left_out)
+
+
 # ---- DINO ----------------------------------------------------------------------------------------------------------
 DINO_ARGS = (  # main_dino.py arguments with the same meaning as sslhub's DINO hyperparameters
     "out_dim", "use_bn_in_head", "norm_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp",
@@ -217,6 +242,7 @@ def backbone(container, source: str) -> Converted:
 
 LAYOUTS: dict[str, Callable[[object, str], Converted]] = {
     "moco": moco,
+    "moco_v3": moco_v3,
     "dino_full": dino_full,
     "mae": mae,
     "backbone": backbone,

@@ -99,15 +99,22 @@ def load_pretrained(name: str, task: str = "features", pretrained_path=None, **o
     return from_pretrained(cache_dir, task=task, config=config)
 
 
+METRIC_NAMES = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tuning"}
+
+
 def release_card_fields(tag: PretrainedTag) -> dict:
-    """What a converted release's model card says: source, licence, the authors' recipe summary and metrics."""
-    training = {"data": tag.dataset, "epochs": tag.epochs, "weights": tag.url}
-    results = {f"ImageNet {metric} top-1 (authors)": value / 100 for metric, value in tag.metrics.items()}
+    """What a converted release's model card says: source, licence, epochs and the authors' metrics."""
+    training = {"data": tag.dataset} | ({"epochs": tag.epochs} if tag.epochs is not None else {})
+    results = {
+        f"ImageNet {METRIC_NAMES.get(metric, metric)} top-1 (authors)": value / 100
+        for metric, value in tag.metrics.items()
+    }
     method = get_method(get_preset(tag.preset).method)
     return {
         "training": training,
         "results": results,
         "license": tag.license,
         "model_id": tag.name,
+        "pretrained_name": tag.name,
         "source": f"{tag.source or method.paper}: {tag.url}",
     }

@@ -16,13 +16,17 @@ from sslhub.backbones import create_backbone
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
 
+LR_SCHEDULES = ("cosine", "step")
+
 
 @dataclass
 class MethodHparams:
     """Optimisation recipe shared by all methods; each method subclasses it with the paper's defaults.
 
     ``lr`` is the base learning rate for a batch of ``lr_batch_size`` images; the trainer scales it linearly
-    with the real batch size (Goyal et al. 2017), as the official MoCo, DINO and MAE code do.
+    with the real batch size (Goyal et al. 2017), as the official MoCo, DINO and MAE code do. ``lr_schedule``:
+    ``"cosine"`` (linear warm-up, then half-cosine to ``min_lr``) or ``"step"`` (MoCo v1: ``lr`` times 0.1 at each
+    epoch of ``lr_milestones``, no warm-up). ``optimizer``: ``"sgd"``, ``"adamw"`` or ``"lars"``.
     """
 
     optimizer: str = "sgd"
@@ -36,6 +40,14 @@ class MethodHparams:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = None
     epochs: int = 200
+    lr_schedule: str = "cosine"
+    lr_milestones: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+        if self.lr_schedule == "step" and self.warmup_epochs:
+            raise ValueError("lr_schedule 'step' has no warm-up: set warmup_epochs=0")
 
 
 @dataclass
@@ -81,6 +93,7 @@ class SSLMethod(nn.Module):
     citation: ClassVar[str] = ""
     released: ClassVar[str] = ""
     default_pooling: ClassVar[str | None] = None
+    decay_norms_and_biases: ClassVar[bool] = False
 
     def __init__(self, config: SSLConfig):
         super().__init__()
@@ -128,9 +141,10 @@ class SSLMethod(nn.Module):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters; norms and biases get no weight decay when the recipe is AdamW (DINO, MAE)."""
+        """Trainable parameters; norms and biases get no weight decay when the recipe is AdamW (DINO, MAE) unless
+        ``decay_norms_and_biases`` (MoCo v3). LARS leaves them out of weight decay itself."""
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if self.hparams.optimizer == "sgd":
+        if self.hparams.optimizer != "adamw" or self.decay_norms_and_biases:
             return [{"params": [p for _, p in params], "weight_decay": self.hparams.weight_decay}]
         decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
         no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]

@@ -1,8 +1,9 @@
-"""MoCo v2: momentum contrast with an MLP head and stronger augmentation.
+"""MoCo v1 and v2: momentum contrast with a queue of negatives; v2 adds an MLP head and stronger augmentation.
 
 He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", arXiv 1911.05722 (CVPR 2020);
 Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297.
-Follows facebookresearch/moco (``moco/builder.py``, ``main_moco.py`` with ``--mlp --moco-t 0.2 --aug-plus --cos``).
+Follows facebookresearch/moco (``moco/builder.py``, ``main_moco.py``; v2 with ``--mlp --moco-t 0.2 --aug-plus --cos``,
+v1 with none of them).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from sslhub.distributed import gather_all, shuffle_across_processes, unshuffle_a
 from sslhub.heads import MLPHead
 from sslhub.losses import info_nce_with_queue
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod
-from sslhub.registry import Preset, register_method, register_preset
-from sslhub.transforms import two_view_moco_v2
+from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
+from sslhub.transforms import two_view_moco_v1, two_view_moco_v2
 
 
 @dataclass
 class MoCoV2Hparams(MethodHparams):
-    """Defaults of MoCo v2 (arXiv 2003.04297 §2, ``main_moco.py``): SGD lr 0.03 per 256 images, cosine, wd 1e-4."""
+    """Defaults of MoCo v2 (arXiv 2003.04297 §2, ``main_moco.py``): SGD lr 0.03 per 256 images, cosine, wd 1e-4.
+
+    ``mlp``: 2-layer MLP head (``--mlp``) instead of MoCo v1's linear projection; ``aug_plus``: MoCo v2's
+    augmentation (``--aug-plus``, with blur) instead of MoCo v1's.
+    """
 
     optimizer: str = "sgd"
     lr: float = 0.03
@@ -37,12 +42,14 @@ class MoCoV2Hparams(MethodHparams):
     temperature: float = 0.2
     shuffle_bn: bool = True
     crop_scale_min: float = 0.2
+    mlp: bool = True
+    aug_plus: bool = True
 
 
 @register_method("moco_v2")
 class MoCoV2(SSLMethod):
     """Query encoder f_q (trained) and key encoder f_k (EMA of f_q, eq. 2: θ_k ← m θ_k + (1-m) θ_q), a queue
-    of K past keys as negatives and the InfoNCE loss (eq. 1) with τ = 0.2. Keys are computed with shuffled BN
+    of K past keys as negatives and the InfoNCE loss (eq. 1) with τ = 0.2 (v1: 0.07). Keys are computed with shuffled BN
     across processes. The released encoder is the query encoder's backbone.
     """
 
@@ -62,7 +69,7 @@ class MoCoV2(SSLMethod):
         backbone = self.create_backbone()
         self.encoder_q = PooledBackbone(backbone, config.pooling or default_pooling(backbone))
         dim = backbone.num_features
-        self.head_q = MLPHead((dim, hp.mlp_hidden_dim or dim, hp.embed_dim))
+        self.head_q = MLPHead((dim, hp.mlp_hidden_dim or dim, hp.embed_dim) if hp.mlp else (dim, hp.embed_dim))
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.head_k = copy.deepcopy(self.head_q).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(hp.queue_size, hp.embed_dim), dim=1))
@@ -74,9 +81,8 @@ class MoCoV2(SSLMethod):
 
     def view_transform(self):
         cfg = self.config
-        return two_view_moco_v2(
-            cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0)
-        )
+        recipe = two_view_moco_v2 if self.hparams.aug_plus else two_view_moco_v1
+        return recipe(cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0))
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
@@ -101,7 +107,7 @@ class MoCoV2(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         if len(views) != 2:
-            raise ValueError(f"MoCo v2 takes 2 views (query, key), got {len(views)}")
+            raise ValueError(f"MoCo takes 2 views (query, key), got {len(views)}")
         image_q, image_k = views
         query = F.normalize(self.head_q(self.encoder_q(image_q)), dim=1)
         if self.training:
@@ -112,6 +118,39 @@ class MoCoV2(SSLMethod):
             self._dequeue_and_enqueue(keys)
         return MethodOutput(loss)
 
+
+@dataclass
+class MoCoV1Hparams(MoCoV2Hparams):
+    """Defaults of MoCo v1 (arXiv 1911.05722 §4, ``main_moco.py`` defaults): linear projection to 128-d, τ = 0.07,
+    MoCo v1 augmentation, SGD lr 0.03 per 256 images with wd 1e-4 for 200 epochs, lr x0.1 at epochs 120 and 160."""
+
+    temperature: float = 0.07
+    mlp: bool = False
+    aug_plus: bool = False
+    lr_schedule: str = "step"
+    lr_milestones: tuple[int, ...] = (120, 160)
+
+
+@register_method("moco_v1")
+class MoCoV1(MoCoV2):
+    """MoCo v1 (He et al. 2019, arXiv 1911.05722): MoCo v2's objective (eq. 1-2, queue, shuffled BN) with a linear
+    projection head ``fc`` (2048 -> 128, kept as ``head_q.0``), τ = 0.07, MoCo v1's augmentation and a step lr
+    schedule. The released encoder is the query encoder's backbone.
+    """
+
+    Hparams = MoCoV1Hparams
+    paper = "Momentum Contrast for Unsupervised Visual Representation Learning (MoCo)"
+    arxiv = "1911.05722"
+    citation = (
+        "@inproceedings{he2020momentum,\n  title={Momentum Contrast for Unsupervised Visual Representation Learning},"
+        "\n  author={He, Kaiming and Fan, Haoqi and Wu, Yuxin and Xie, Saining and Girshick, Ross},\n"
+        "  booktitle={CVPR},\n  year={2020}\n}"
+    )
+    released = "query encoder (backbone without the linear projection)"
+
+
+for _name, _backbone in (("moco_v1_resnet18", "resnet18"), ("moco_v1_resnet50", "resnet50")):
+    register_preset(Preset(_name, "moco_v1", _backbone, description=f"MoCo v1 on a timm {_backbone}, 224 px"))
 
 for _name, _backbone in (("moco_v2_resnet18", "resnet18"), ("moco_v2_resnet50", "resnet50")):
     register_preset(Preset(_name, "moco_v2", _backbone, description=f"MoCo v2 on a timm {_backbone}, 224 px"))
@@ -126,3 +165,25 @@ register_preset(
         description="MoCo v2, ResNet-18 for 32 px images (CIFAR-size data): queue 4096 as lightly's CIFAR benchmark",
     )
 )
+
+MOCO_RELEASES = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints"
+# facebookresearch/moco README ("Models"): full training checkpoints (query and key encoders, heads, queue), ImageNet
+# linear top-1 of the released 200 / 800-epoch ResNet-50s; the first tag of a preset is its default.
+for _preset, _run, _epochs, _linear in (
+    ("moco_v1_resnet50", "moco_v1_200ep", 200, 60.6),
+    ("moco_v2_resnet50", "moco_v2_800ep", 800, 71.1),
+    ("moco_v2_resnet50", "moco_v2_200ep", 200, 67.7),
+):
+    register_pretrained(
+        PretrainedTag(
+            _preset,
+            f"in1k_{_epochs}ep",
+            url=f"{MOCO_RELEASES}/{_run}/{_run}_pretrain.pth.tar",
+            layout="moco",
+            license="cc-by-nc-4.0",
+            epochs=_epochs,
+            metrics={"linear": _linear},
+            source="facebookresearch/moco README, Models",
+            overrides={"epochs": _epochs},
+        )
+    )
