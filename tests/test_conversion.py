@@ -8,6 +8,7 @@ torchvision's ResNet-50 for the ResNet releases, and the authors' ViT written ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -19,12 +20,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from huggingface_hub import ModelCard
+from huggingface_hub import constants as hub_constants
 from torch import nn
 
 import sslhub
 from sslhub.cli import main as cli_main
 from sslhub.conversion.convert import convert_checkpoint
 from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.pretrained import release_source
 from sslhub.registry import get_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -477,3 +480,25 @@ def test_model_cards_catalogue_lists_every_release_as_the_registry_renders_it(tm
         card = ModelCard.load(fresh)
         assert card.data.license == get_pretrained(name).license and card.data.eval_results
     assert len(list(committed.glob("*.md"))) == len(sslhub.list_pretrained())
+
+
+def test_release_source_order_and_url_download(tmp_path, sslhub_cache, monkeypatch):
+    """Full checkpoint for task="pretraining", the released encoder otherwise; an authors' URL is downloaded
+    once into the sslhub cache (a file:// URL stands in for the network)."""
+    tag = get_pretrained("dino_vit_small_patch16_224.in1k")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for name in ("dino_deitsmall16_pretrain.pth", "dino_deitsmall16_pretrain_full_checkpoint.pth"):
+        (downloads / name).write_bytes(name.encode())
+    monkeypatch.setenv("SSLHUB_PRETRAINED_DIR", str(downloads))
+    assert release_source(tag, "pretraining")[0].name == "dino_deitsmall16_pretrain_full_checkpoint.pth"
+    assert release_source(tag, "features")[0].name == "dino_deitsmall16_pretrain.pth"
+
+    monkeypatch.delenv("SSLHUB_PRETRAINED_DIR")
+    remote = dataclasses.replace(tag, url=(downloads / "dino_deitsmall16_pretrain.pth").as_uri(), hf_hub_id=None)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    path, layout = release_source(remote, "features")
+    assert path == sslhub_cache / "downloads" / "dino_deitsmall16_pretrain.pth" and layout == ""
+    assert path.read_bytes() == b"dino_deitsmall16_pretrain.pth"
+    (downloads / "dino_deitsmall16_pretrain.pth").unlink()  # a second call must not download again
+    assert release_source(remote, "features")[0] == path
