@@ -1,6 +1,7 @@
 """sslhub: self-supervised vision models as Hugging Face models, pretrained with Accelerate."""
 
 from sslhub.configuration import SSLConfig
+from sslhub.export import export_timm, export_transformers
 from sslhub.factory import create_model, from_pretrained, to_timm
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
 from sslhub.registry import list_methods, list_models, list_pretrained
@@ -14,6 +15,8 @@ __all__ = [
     "SSLModel",
     "SSLPreTrainedModel",
     "create_model",
+    "export_timm",
+    "export_transformers",
     "from_pretrained",
     "list_methods",
     "list_models",

@@ -1,10 +1,11 @@
-"""Command-line front: ``sslhub list``, ``sslhub pretrain``, ``sslhub convert`` (``python -m sslhub`` too)."""
+"""Command-line front: ``sslhub list | pretrain | convert | export`` (``python -m sslhub`` too)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sslhub.registry import get_preset, get_pretrained, list_models, list_pretrained
 
@@ -131,6 +132,27 @@ def _run_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_parser(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="write an sslhub model as a plain timm or transformers checkpoint")
+    parser.add_argument("--model", required=True, help="sslhub checkpoint directory or Hub id, or preset.tag")
+    parser.add_argument("--format", required=True, choices=["timm", "transformers"])
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def _run_export(ns: argparse.Namespace) -> int:
+    from sslhub.export import export_timm, export_transformers
+    from sslhub.factory import create_model, from_pretrained
+
+    if "." in ns.model and not Path(ns.model).exists():
+        model = create_model(ns.model, pretrained=True)
+    else:
+        model = from_pretrained(ns.model)
+    export = export_timm if ns.format == "timm" else export_transformers
+    print(f"Exported {ns.model} as a {ns.format} checkpoint to {export(model, ns.output, overwrite=ns.overwrite)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sslhub", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -139,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     list_parser.add_argument("--pretrained", action="store_true", help="list the releases with official weights")
     _add_pretrain_parser(subparsers)
     _add_convert_parser(subparsers)
+    _add_export_parser(subparsers)
     ns = parser.parse_args(argv)
     try:
-        return {"list": _run_list, "pretrain": _run_pretrain, "convert": _run_convert}[ns.command](ns)
+        return {"list": _run_list, "pretrain": _run_pretrain, "convert": _run_convert, "export": _run_export}[
+            ns.command
+        ](ns)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"sslhub {ns.command}: error: {err}", file=sys.stderr)
         return 2

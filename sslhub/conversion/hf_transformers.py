@@ -1,0 +1,489 @@
+"""Key mappings between Hugging Face transformers ViT-family checkpoints and timm ViTs, in both directions.
+
+The transformers side is the *checkpoint* layout: what Hub files hold and what ``save_pretrained`` writes
+(``encoder.layer.{i}.attention.attention.query``, see ``official-checkpoints.md`` §0.2). transformers >= 5 renames
+these keys when loading (``layers.{i}.attention.q_proj``, ``transformers/conversion_mapping.py``), so an in-memory
+``model.state_dict()`` has to be saved (or passed through ``transformers.core_model_loading.revert_weight_conversion``)
+before it is mapped here.
+
+One table per layout lists ``(timm name, transformers name(s))`` for the embeddings and for one block; both directions
+read it. Several transformers names on one row are concatenated along dim 0 (q, k, v -> timm's fused ``qkv``).
+Every source key is mapped, dropped by a named rule (returned in ``ignored``) or reported in a ``ConversionError``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import timm
+import torch
+from timm.models.vision_transformer import _convert_dinov2
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTMAEConfig
+
+from sslhub.conversion.layouts import Converted
+from sslhub.conversion.loading import CheckpointError
+from sslhub.heads import MAEDecoder
+
+Row = tuple[str, tuple[str, ...]]
+"""(timm name, transformers names); a name is a parameter or a module whose ``.weight`` / ``.bias`` follow it."""
+
+_SUFFIXES = ("", ".weight", ".bias")
+_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+
+# timm ``VisionTransformer`` / ``Block`` (timm/models/vision_transformer.py) vs transformers ``ViTEmbeddings`` /
+# ``ViTLayer`` checkpoint names (official-checkpoints.md §0.2; the same rows serve ViTMAE, §13).
+VIT_EMBEDDINGS: tuple[Row, ...] = (
+    ("cls_token", ("embeddings.cls_token",)),
+    ("pos_embed", ("embeddings.position_embeddings",)),
+    ("patch_embed.proj", ("embeddings.patch_embeddings.projection",)),
+    ("norm", ("layernorm",)),
+)
+VIT_BLOCK: tuple[Row, ...] = (
+    ("norm1", ("layernorm_before",)),
+    ("attn.qkv", _QKV),
+    ("attn.proj", ("attention.output.dense",)),
+    ("norm2", ("layernorm_after",)),
+    ("mlp.fc1", ("intermediate.dense",)),
+    ("mlp.fc2", ("output.dense",)),
+)
+# transformers ``ViTMAEDecoder`` (vit_mae/modeling_vit_mae.py) vs sslhub ``MAEDecoder`` / MAE's ``models_mae.py`` (§13).
+MAE_DECODER_TOP: tuple[Row, ...] = tuple(
+    (name, (f"decoder.{name}",))
+    for name in ("mask_token", "decoder_pos_embed", "decoder_embed", "decoder_norm", "decoder_pred")
+)
+# Original DINOv2 names (dinov2/models/vision_transformer.py) vs transformers ``Dinov2Embeddings`` / ``Dinov2Layer``
+# (§17, ``convert_dinov2_to_hf.py``); timm's ``_convert_dinov2`` then turns the original names into timm's.
+DINOV2_EMBEDDINGS: tuple[Row, ...] = (*VIT_EMBEDDINGS, ("register_tokens", ("embeddings.register_tokens",)))
+DINOV2_BLOCK: tuple[Row, ...] = (
+    ("norm1", ("norm1",)),
+    ("attn.qkv", _QKV),
+    ("attn.proj", ("attention.output.dense",)),
+    ("ls1.gamma", ("layer_scale1.lambda1",)),
+    ("norm2", ("norm2",)),
+    ("mlp.fc1", ("mlp.fc1",)),
+    ("mlp.fc2", ("mlp.fc2",)),
+    ("mlp.w12", ("mlp.weights_in",)),
+    ("mlp.w3", ("mlp.weights_out",)),
+    ("ls2.gamma", ("layer_scale2.lambda1",)),
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout: embedding rows, per-block rows, the block prefixes, and the transformers keys it drops on
+    purpose (regex on the full key -> the rule's name). ``hf_blocks`` lists the transformers spellings of a block
+    prefix that are read; the first is the one written."""
+
+    top: tuple[Row, ...]
+    block: tuple[Row, ...]
+    timm_block: str
+    hf_blocks: tuple[str, ...]
+    ignored: Mapping[str, str]
+
+    def rows(self, depth: int, hf_prefix: str = "", hf_block: str | None = None) -> list[Row]:
+        """Concrete rows for ``depth`` blocks, transformers names under ``hf_prefix`` (e.g. ``"vit."``)."""
+        rows = list(self.top)
+        for i in range(depth):
+            timm_block, block = self.timm_block.format(i=i), (hf_block or self.hf_blocks[0]).format(i=i)
+            rows += [(timm_block + t, tuple(block + h for h in hs)) for t, hs in self.block]
+        return [(t, tuple(hf_prefix + h for h in hs)) for t, hs in rows]
+
+    def hf_block_in(self, state_dict: Mapping[str, torch.Tensor], hf_prefix: str) -> str:
+        """The block spelling ``state_dict`` uses (the written one when it has no blocks)."""
+        for spelling in self.hf_blocks:
+            if any(key.startswith(hf_prefix + spelling.format(i=0)) for key in state_dict):
+                return spelling
+        return self.hf_blocks[0]
+
+
+VIT = Layout(
+    VIT_EMBEDDINGS,
+    VIT_BLOCK,
+    "blocks.{i}.",
+    ("encoder.layer.{i}.",),
+    {
+        r"(vit\.)?pooler\.": "pooler (ViTModel's dense + tanh on the class token; not part of the encoder)",
+        r"classifier\.": "classifier (ViTForImageClassification head; sslhub encoders have none)",
+        r"decoder\.(mask_token|decoder_)": "mae_decoder (mapped by mae_decoder_from_transformers)",
+    },
+)
+MAE_DECODER = Layout(
+    MAE_DECODER_TOP,
+    VIT_BLOCK,
+    "decoder_blocks.{i}.",
+    # Hub files (convert_vit_mae_to_pytorch.py) and transformers < 5 say ``decoder_layers.{i}``; transformers 5.23's
+    # save_pretrained reverts its ``encoder.layer -> layers`` rename inside that name: ``decoder_encoder.layer.{i}``.
+    ("decoder.decoder_layers.{i}.", "decoder.decoder_encoder.layer.{i}."),
+    {r"vit\.": "encoder (mapped by vit_from_transformers)"},
+)
+DINOV2 = Layout(
+    DINOV2_EMBEDDINGS,
+    DINOV2_BLOCK,
+    "blocks.{i}.",
+    ("encoder.layer.{i}.",),
+    {
+        r"(dinov2\.)?embeddings\.mask_token": "mask_token (used in DINOv2 training only; timm drops it too)",
+        r"classifier\.": "classifier (Dinov2ForImageClassification linear head)",
+    },
+)
+
+
+class KeyMapping(NamedTuple):
+    """``state_dict``: the mapped tensors; ``ignored``: source keys dropped on purpose -> the rule that dropped them."""
+
+    state_dict: dict[str, torch.Tensor]
+    ignored: dict[str, str]
+
+
+class ConversionError(CheckpointError):
+    """A state dict that does not fit the target layout: keys no rule knows, keys missing, or wrong shapes."""
+
+    def __init__(self, what: str, unknown=(), missing=(), mismatched=()):
+        self.unknown, self.missing, self.mismatched = sorted(unknown), sorted(missing), sorted(mismatched)
+        problems = [
+            f"{label} ({len(items)}): {_listing(items)}"
+            for label, items in (
+                ("unknown keys", self.unknown),
+                ("missing keys", self.missing),
+                ("shape mismatches", self.mismatched),
+            )
+            if items
+        ]
+        super().__init__(f"Cannot map {what}: " + "; ".join(problems))
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _apply(
+    state_dict: Mapping[str, torch.Tensor], rows: list[tuple[tuple[str, ...], tuple[str, ...]]]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Rename ``(sources, targets)`` rows: sources are concatenated along dim 0 and split into len(targets) parts.
+
+    Returns (mapped, source keys left over).
+    """
+    mapped, used = {}, set()
+    for sources, targets in rows:
+        for suffix in _SUFFIXES:
+            keys = [source + suffix for source in sources]
+            if not all(key in state_dict for key in keys):
+                continue
+            tensor = torch.cat([state_dict[key] for key in keys]) if len(keys) > 1 else state_dict[keys[0]]
+            parts = [part.clone() for part in tensor.chunk(len(targets))] if len(targets) > 1 else [tensor]
+            mapped.update({target + suffix: part for target, part in zip(targets, parts, strict=True)})
+            used.update(keys)
+    return mapped, set(state_dict) - used
+
+
+def _from_transformers(state_dict, layout: Layout, depth: int, hf_prefix: str):
+    """transformers -> timm names; returns (mapped, ignored, unknown)."""
+    rows = layout.rows(depth, hf_prefix, layout.hf_block_in(state_dict, hf_prefix))
+    mapped, left = _apply(state_dict, [(hs, (t,)) for t, hs in rows])
+    ignored = {key: rule for key in left for pattern, rule in layout.ignored.items() if re.match(pattern, key)}
+    return mapped, ignored, left - set(ignored)
+
+
+def _to_transformers(state_dict, layout: Layout, what: str, hf_prefix: str = "") -> dict[str, torch.Tensor]:
+    """timm -> transformers names; timm keys without a row raise ``ConversionError``."""
+    depth = _num_blocks(state_dict, layout.timm_block)
+    mapped, unknown = _apply(state_dict, [((t,), hs) for t, hs in layout.rows(depth, hf_prefix)])
+    if unknown:
+        raise ConversionError(what, unknown=unknown)
+    return mapped
+
+
+def _num_blocks(state_dict: Mapping[str, torch.Tensor], block_prefix: str) -> int:
+    pattern = re.compile(re.escape(block_prefix).replace(r"\{i\}", r"(\d+)"))
+    indices = [int(m.group(1)) for key in state_dict if (m := pattern.match(key))]
+    return max(indices, default=-1) + 1
+
+
+def _hf_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> str:
+    """The base-model prefix of a task checkpoint (``vit.``, ``dinov2.``), found by its class token."""
+    for prefix in prefixes:
+        if f"{prefix}embeddings.cls_token" in state_dict:
+            return prefix
+    raise ConversionError("transformers checkpoint", missing=[f"{prefix}embeddings.cls_token" for prefix in prefixes])
+
+
+def _check(what: str, mapped: dict, unknown, expected: dict[str, torch.Size]) -> None:
+    """Raise ``ConversionError`` unless ``mapped`` has exactly the ``expected`` keys and shapes."""
+    mismatched = [
+        f"{key}: got {tuple(mapped[key].shape)}, expected {tuple(shape)}"
+        for key, shape in expected.items()
+        if key in mapped and mapped[key].shape != shape
+    ]
+    missing = set(expected) - set(mapped)
+    unknown = set(unknown) | (set(mapped) - set(expected))
+    if unknown or missing or mismatched:
+        raise ConversionError(what, unknown, missing, mismatched)
+
+
+def _meta_shapes(build: Callable[[], nn.Module]) -> dict[str, torch.Size]:
+    """Parameter shapes of the module ``build()`` makes, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return {key: value.shape for key, value in build().state_dict().items()}
+
+
+def _timm_shapes(name: str, kwargs: dict) -> dict[str, torch.Size]:
+    return _meta_shapes(lambda: timm.create_model(name, num_classes=0, global_pool="", **kwargs))
+
+
+def _as_config(config: PretrainedConfig | Mapping, model_types: tuple[str, ...]) -> PretrainedConfig:
+    """A transformers config from a config object or a parsed ``config.json`` (defaults filled in)."""
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.for_model(**config)
+    if config.model_type not in model_types:
+        raise ValueError(f"expected a transformers config of type {model_types}, got {config.model_type!r}")
+    return config
+
+
+def _mlp_ratio(hidden_features: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` gives ``hidden_features``."""
+    ratio = hidden_features / dim
+    return ratio if int(dim * ratio) == hidden_features else math.nextafter(ratio, math.inf)
+
+
+# ---- ViT (DINO ports, ViT-MAE encoder) -------------------------------------------------------------------------
+
+_VIT_ENTRYPOINT = "vit_base_patch16_224"  # any plain timm ViT entrypoint: vit_timm_kwargs sets every size
+
+
+def vit_timm_kwargs(config: PretrainedConfig | Mapping) -> dict:
+    """Keyword arguments for a timm ViT entrypoint (``VisionTransformer``) that build the encoder of a transformers
+    ``ViTConfig`` / ``ViTMAEConfig``.
+
+    timm's LayerNorm has eps 1e-6 (the DINO / MAE value); the Hub ports of DINO and MAE say 1e-12 in their configs
+    (official-checkpoints.md §21.5), a difference of ~1e-6 relative in the outputs.
+    """
+    config = _as_config(config, ("vit", "vit_mae"))
+    if config.hidden_act != "gelu":
+        raise ValueError(f"timm's ViT uses exact GELU; this config has hidden_act={config.hidden_act!r}")
+    return {
+        "img_size": config.image_size,
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": _mlp_ratio(config.intermediate_size, config.hidden_size),
+        "qkv_bias": config.qkv_bias,
+    }
+
+
+def vit_from_transformers(state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping) -> KeyMapping:
+    """``ViTModel`` / ``ViTForImageClassification`` / ``ViTMAEModel`` / ``ViTMAEForPreTraining`` checkpoint -> timm
+    ViT encoder keys (``vit.`` prefix optional). Pooler, classifier and MAE decoder keys are returned as ignored;
+    the result is checked against the timm ViT that ``vit_timm_kwargs(config)`` builds."""
+    config = _as_config(config, ("vit", "vit_mae"))
+    prefix = _hf_prefix(state_dict, ("", "vit."))
+    mapped, ignored, unknown = _from_transformers(state_dict, VIT, config.num_hidden_layers, prefix)
+    expected = _timm_shapes(_VIT_ENTRYPOINT, vit_timm_kwargs(config))
+    _check(f"{config.model_type} checkpoint to a timm ViT", mapped, unknown, expected)
+    return KeyMapping(mapped, ignored)
+
+
+def vit_to_transformers(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """timm ViT encoder state dict -> ``ViTModel`` checkpoint keys (``prefix="vit."`` for task models such as
+    ``ViTMAEForPreTraining``); ``qkv`` is split into query, key and value."""
+    return _to_transformers(state_dict, VIT, "timm ViT to transformers", prefix)
+
+
+def _check_vit_is_portable(vit: nn.Module) -> None:
+    """transformers' ViT has one class token sharing the position embedding, square patches and exact GELU."""
+    act = vit.blocks[0].mlp.act
+    needs = {
+        "one class token with a position embedding and no register tokens": vit.num_prefix_tokens == 1
+        and vit.cls_token is not None
+        and not getattr(vit, "no_embed_class", False),
+        "square patches": len(set(vit.patch_embed.patch_size)) == 1,
+        "exact GELU": isinstance(act, nn.GELU) and act.approximate == "none",
+    }
+    unmet = [need for need, met in needs.items() if not met]
+    if unmet:
+        raise ValueError(f"transformers' ViT needs {'; '.join(unmet)}")
+
+
+def _vit_config_kwargs(vit: nn.Module) -> dict:
+    """Encoder fields shared by ``ViTConfig`` and ``ViTMAEConfig``, read off a timm ViT."""
+    _check_vit_is_portable(vit)
+    block = vit.blocks[0]
+    return {
+        "hidden_size": vit.embed_dim,
+        "num_hidden_layers": len(vit.blocks),
+        "num_attention_heads": block.attn.num_heads,
+        "intermediate_size": block.mlp.fc1.out_features,
+        "hidden_act": "gelu",
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "layer_norm_eps": vit.norm.eps,
+        "image_size": vit.patch_embed.img_size[0],
+        "patch_size": vit.patch_embed.patch_size[0],
+        "num_channels": vit.patch_embed.proj.in_channels,
+    }
+
+
+def vit_config(vit: nn.Module, **overrides) -> ViTConfig:
+    """The ``ViTConfig`` of a timm ViT (sizes, ``qkv_bias``, ``layer_norm_eps`` of its final norm, exact GELU)."""
+    return ViTConfig(**{**_vit_config_kwargs(vit), **overrides})
+
+
+# ---- MAE decoder -----------------------------------------------------------------------------------------------
+
+
+def mae_decoder_kwargs(config: PretrainedConfig | Mapping) -> dict:
+    """``MAEDecoder`` arguments (sslhub/heads.py) for the decoder of a ``ViTMAEConfig``."""
+    config = _as_config(config, ("vit_mae",))
+    grid = config.image_size // config.patch_size
+    return {
+        "grid_size": (grid, grid),
+        "patch_size": config.patch_size,
+        "encoder_dim": config.hidden_size,
+        "embed_dim": config.decoder_hidden_size,
+        "depth": config.decoder_num_hidden_layers,
+        "num_heads": config.decoder_num_attention_heads,
+        "mlp_ratio": _mlp_ratio(config.decoder_intermediate_size, config.decoder_hidden_size),
+        "in_chans": config.num_channels,
+    }
+
+
+def mae_decoder_from_transformers(
+    state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping
+) -> KeyMapping:
+    """``ViTMAEForPreTraining`` checkpoint -> sslhub ``MAEDecoder`` keys; encoder keys are returned as ignored."""
+    config = _as_config(config, ("vit_mae",))
+    mapped, ignored, unknown = _from_transformers(state_dict, MAE_DECODER, config.decoder_num_hidden_layers, "")
+    expected = _meta_shapes(lambda: MAEDecoder(**mae_decoder_kwargs(config)))
+    _check("ViTMAEForPreTraining decoder to sslhub's MAEDecoder", mapped, unknown, expected)
+    return KeyMapping(mapped, ignored)
+
+
+def mae_to_transformers(
+    encoder_state: Mapping[str, torch.Tensor], decoder_state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """timm ViT encoder + sslhub ``MAEDecoder`` state dicts -> ``ViTMAEForPreTraining`` checkpoint keys."""
+    return {
+        **vit_to_transformers(encoder_state, prefix="vit."),
+        **_to_transformers(decoder_state, MAE_DECODER, "sslhub MAEDecoder to transformers"),
+    }
+
+
+def vit_mae_config(encoder: nn.Module, decoder: MAEDecoder | None = None, **overrides) -> ViTMAEConfig:
+    """The ``ViTMAEConfig`` of a timm ViT encoder and, if given, an sslhub ``MAEDecoder`` (without one the
+    ``decoder_*`` fields keep transformers' defaults, as a ``ViTMAEModel`` has no decoder)."""
+    fields = _vit_config_kwargs(encoder)
+    if decoder is not None:
+        if decoder.decoder_norm.eps != fields["layer_norm_eps"]:
+            raise ValueError(
+                f"transformers' ViTMAE has one layer_norm_eps; encoder {fields['layer_norm_eps']} != "
+                f"decoder {decoder.decoder_norm.eps}"
+            )
+        block = decoder.decoder_blocks[0]
+        fields |= {
+            "decoder_hidden_size": decoder.decoder_embed.out_features,
+            "decoder_num_hidden_layers": len(decoder.decoder_blocks),
+            "decoder_num_attention_heads": block.attn.num_heads,
+            "decoder_intermediate_size": block.mlp.fc1.out_features,
+        }
+    return ViTMAEConfig(**{**fields, **overrides})
+
+
+# ---- DINOv2 ----------------------------------------------------------------------------------------------------
+
+_DINOV2_SIZES = {384: "small", 768: "base", 1024: "large"}
+
+
+def dinov2_timm_model(config: PretrainedConfig | Mapping) -> tuple[str, dict]:
+    """timm model name and kwargs for a ``Dinov2Config`` / ``Dinov2WithRegistersConfig``.
+
+    The name is timm's ``vit_{small,base,large,giant}_patch14[_reg4]_dinov2`` (giant = SwiGLU, reg4 = registers with
+    ``no_embed_class``); the kwargs restate every size, so other widths and depths build too.
+    """
+    config = _as_config(config, ("dinov2", "dinov2_with_registers"))
+    registers = getattr(config, "num_register_tokens", 0)
+    dim = config.hidden_size
+    hidden = int(dim * config.mlp_ratio)
+    if config.use_swiglu_ffn:
+        size = "giant"
+        # transformers' Dinov2SwiGLUFFN keeps 2/3 of the width, rounded up to a multiple of 8; timm's SwiGLUPacked
+        # fc1 holds gate and value, twice that (modeling_dinov2.py; timm vit_giant_patch14_dinov2).
+        hidden = 2 * ((int(hidden * 2 / 3) + 7) // 8 * 8)
+    elif config.hidden_act == "gelu":
+        size = _DINOV2_SIZES.get(dim, "base")
+    else:
+        raise ValueError(f"timm's DINOv2 ViT uses exact GELU; this config has hidden_act={config.hidden_act!r}")
+    kwargs = {
+        "img_size": config.image_size,
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "embed_dim": dim,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": _mlp_ratio(hidden, dim),
+        "qkv_bias": config.qkv_bias,
+    }
+    if registers:
+        kwargs["reg_tokens"] = registers
+    return f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2", kwargs
+
+
+def dinov2_from_transformers(state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping) -> KeyMapping:
+    """``Dinov2Model`` / ``Dinov2WithRegistersModel`` / ``Dinov2ForImageClassification`` checkpoint -> keys of the
+    timm model ``dinov2_timm_model(config)`` names.
+
+    Renames to the original DINOv2 names, then applies timm's own ``_convert_dinov2`` (registers -> ``reg_token``
+    with the class position folded into ``cls_token``; SwiGLU ``w12`` / ``w3`` -> ``mlp.fc1`` / ``mlp.fc2``).
+    ``mask_token`` and classifier keys are returned as ignored.
+    """
+    config = _as_config(config, ("dinov2", "dinov2_with_registers"))
+    prefix = _hf_prefix(state_dict, ("", "dinov2."))
+    original, ignored, unknown = _from_transformers(state_dict, DINOV2, config.num_hidden_layers, prefix)
+    mapped = _convert_dinov2(original, None)
+    _check(f"{config.model_type} checkpoint to timm", mapped, unknown, _timm_shapes(*dinov2_timm_model(config)))
+    return KeyMapping(mapped, ignored)
+
+
+# ---- a Hugging Face model directory as an sslhub conversion ------------------------------------------------------
+
+
+def convert_hf_directory(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> Converted:
+    """A transformers ViT / ViTMAE / DINOv2 directory's ``(state_dict, config.json)`` as ``Converted``: the encoder in
+    timm names and, for ``ViTMAEForPreTraining``, the decoder as the MAE objective's ``decoder.`` with the decoder
+    sizes, ``mask_ratio`` and ``norm_pix_loss`` of its config as hyperparameters."""
+    model_type = config.get("model_type")
+    layout = f"transformers {model_type}"
+    has_decoder = model_type == "vit_mae" and any(key.startswith("decoder.") for key in state_dict)
+    try:
+        if model_type in ("dinov2", "dinov2_with_registers"):
+            backbone, ignored = dinov2_from_transformers(state_dict, config)
+        elif model_type in ("vit", "vit_mae"):
+            backbone, ignored = vit_from_transformers(state_dict, config)
+        else:
+            raise CheckpointError(f"sslhub reads transformers vit, vit_mae and dinov2 models, not {model_type!r}")
+        if not has_decoder:
+            return Converted(layout, backbone, left_out=_left_out(ignored))
+        decoder, decoder_ignored = mae_decoder_from_transformers(state_dict, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    sizes = _as_config(config, ("vit_mae",))
+    overrides = {
+        "decoder_embed_dim": sizes.decoder_hidden_size,
+        "decoder_depth": sizes.decoder_num_hidden_layers,
+        "decoder_num_heads": sizes.decoder_num_attention_heads,
+        "mask_ratio": sizes.mask_ratio,
+        "norm_pix_loss": sizes.norm_pix_loss,
+    }
+    method = {f"decoder.{key}": value for key, value in decoder.items()}
+    left_out = _left_out({key: rule for key, rule in ignored.items() if key in decoder_ignored})
+    return Converted(layout, backbone, method, {"encoder.": backbone}, overrides, left_out)
+
+
+def _left_out(ignored: dict[str, str]) -> list[str]:
+    """``Converted.left_out`` entries: each dropped key with the rule that dropped it."""
+    return [f"{key} ({rule})" for key, rule in sorted(ignored.items())]

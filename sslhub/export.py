@@ -1,0 +1,219 @@
+"""Export sslhub models back to plain timm and transformers checkpoint directories.
+
+Every export is written into a temporary directory next to the target, reloaded with timm / transformers and compared
+with sslhub's own output on probe images, and only then renamed into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, ViTMAEForPreTraining, ViTMAEModel, ViTModel
+
+from sslhub.conversion.hf_transformers import mae_to_transformers, vit_config, vit_mae_config, vit_to_transformers
+from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel
+
+TOLERANCE = 1e-4  # max relative error between sslhub's output and the reloaded export
+# sslhub pooling (sslhub/backbones.py pool_features) -> timm global_pool giving the same pooled features: the class
+# token after the final norm is "token"; "avg" on a ViT averages the normed patch tokens (timm keeps ``norm`` on the
+# tokens as the exported fc_norm=False says); CNN maps are averaged.
+TIMM_POOLING = {"cls": "token", "mean": "avg", "avg": "avg"}
+# Fields of timm's default pretrained cfg that describe other weights (timm/models/_pretrained.py PretrainedCfg).
+_FOREIGN_CFG_FIELDS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
+
+
+def _released_encoder(model: nn.Module) -> SSLModel:
+    """The ``SSLModel`` (backbone + pooling) an sslhub model releases: itself, a classifier's encoder, or the
+    pretraining model's released encoder (``released_model``)."""
+    if isinstance(model, SSLModel):
+        return model
+    if isinstance(model, SSLForImageClassification):
+        return model.ssl
+    if isinstance(model, SSLForPreTraining):
+        return model.released_model()
+    raise TypeError(f"expected an sslhub model, got {type(model).__name__}")
+
+
+def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the released encoder of ``model`` as a timm checkpoint directory with timm's ``save_for_hf``
+    (``config.json`` + ``model.safetensors``); a classifier head is not exported.
+
+    The config rebuilds the backbone with ``num_classes=0`` and sslhub's pooling as timm's ``global_pool``
+    (``TIMM_POOLING``), so ``timm.create_model("local-dir:DIR", pretrained=True)(images)`` is sslhub's
+    ``pooler_output``; its pretrained cfg carries the sslhub config's input size, mean and std, and tag = the method.
+    """
+    encoder = _released_encoder(model)
+    config = encoder.config
+    backbone = copy.deepcopy(encoder.backbone).eval()
+    backbone.reset_classifier(0, global_pool=TIMM_POOLING[encoder.pooling])
+    backbone.pretrained_cfg = {
+        **{k: v for k, v in backbone.pretrained_cfg.items() if k not in _FOREIGN_CFG_FIELDS},
+        "tag": config.method,
+    }
+    pixels = _probe_images(config)
+    data_config = {"input_size": tuple(pixels.shape[1:]), "mean": config.image_mean, "std": config.image_std}
+    with _inference(encoder):
+        expected = encoder(pixels).pooler_output
+    with _atomic_directory(directory, overwrite) as staging:
+        save_for_hf(backbone, staging, safe_serialization=True, data_config=data_config)
+        reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True).eval()
+        with torch.no_grad():
+            _check_same("timm export, pooled features", reloaded(pixels), expected)
+    return Path(directory)
+
+
+def export_transformers(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as a transformers checkpoint directory (``config.json`` + ``model.safetensors`` in the Hub
+    key layout, see ``sslhub.conversion.hf_transformers``).
+
+    An MAE ``SSLForPreTraining`` becomes a ``ViTMAEForPreTraining``, an MAE encoder a ``ViTMAEModel`` and any other
+    timm ViT encoder (e.g. DINO, MoCo v3) a ``ViTModel`` without pooler (load it with ``add_pooling_layer=False``);
+    ``last_hidden_state`` equals sslhub's. Other backbones raise ``ValueError``: use ``export_timm``.
+    """
+    if isinstance(model, SSLForImageClassification):
+        raise ValueError("export_transformers exports encoders and MAE pretraining models; export model.ssl instead")
+    if isinstance(model, SSLForPreTraining) and model.config.method == "mae":
+        export = _mae_pretraining_export(model)
+    else:
+        export = _vit_encoder_export(_released_encoder(model))
+    name = export.model_class.__name__
+    export.config.architectures = [name]
+    with _atomic_directory(directory, overwrite) as staging:
+        export.config.save_pretrained(staging)
+        save_file(export.state_dict, staging / "model.safetensors", metadata={"format": "pt"})
+        loaded, info = export.model_class.from_pretrained(staging, output_loading_info=True, **export.load_kwargs)
+        if any(info.values()):
+            raise ValueError(f"transformers does not load the exported {name} cleanly: {info}")
+        with torch.no_grad():
+            export.check(loaded.eval())
+    return Path(directory)
+
+
+class _TransformersExport(NamedTuple):
+    """What ``export_transformers`` writes (class, config, checkpoint-layout weights) and how it checks the reloaded
+    model: ``load_kwargs`` for ``from_pretrained`` and ``check(loaded)`` against sslhub's outputs."""
+
+    model_class: type[PreTrainedModel]
+    config: PretrainedConfig
+    state_dict: dict[str, torch.Tensor]
+    load_kwargs: dict
+    check: Callable[[PreTrainedModel], None]
+
+
+# A ViTMAE masks at random; mask ratio 0 and the identity noise of _identity_noise keep every patch, in order.
+_KEEP_ALL = {"mask_ratio": 0.0}
+
+
+def _vit_encoder_export(encoder: SSLModel) -> _TransformersExport:
+    """A timm ViT encoder as ``ViTModel`` (for MAE: ``ViTMAEModel``), checked on ``last_hidden_state``."""
+    backbone, config = encoder.backbone, encoder.config
+    if not isinstance(backbone, VisionTransformer):
+        raise ValueError(f"no transformers-native class for {config.backbone} in sslhub's export; use export_timm")
+    pixels = _probe_images(config)
+    with _inference(backbone):
+        expected = backbone.forward_features(pixels)
+    if config.method == "mae":
+        model_class, hf_config, load_kwargs = ViTMAEModel, vit_mae_config(backbone, **_mae_fields(config)), _KEEP_ALL
+        inputs = {"noise": _identity_noise(backbone, pixels)}
+    else:
+        model_class, hf_config, load_kwargs = ViTModel, vit_config(backbone), {"add_pooling_layer": False}
+        inputs = {}
+
+    def check(loaded: PreTrainedModel) -> None:
+        _check_same("transformers export, last_hidden_state", loaded(pixels, **inputs).last_hidden_state, expected)
+
+    return _TransformersExport(model_class, hf_config, vit_to_transformers(backbone.state_dict()), load_kwargs, check)
+
+
+def _mae_pretraining_export(model: SSLForPreTraining) -> _TransformersExport:
+    """An sslhub MAE as ``ViTMAEForPreTraining``, checked on the encoder tokens and the decoder predictions."""
+    encoder, decoder = model.method.encoder, model.method.decoder
+    pixels = _probe_images(model.config)
+    noise = _identity_noise(encoder, pixels)
+    with _inference(model):
+        tokens = encoder.forward_features(pixels)
+        prediction = decoder(tokens, ids_restore=noise.long())  # identity order
+
+    def check(loaded: PreTrainedModel) -> None:
+        _check_same("transformers export, encoder", loaded.vit(pixels, noise=noise).last_hidden_state, tokens)
+        _check_same("transformers export, decoder", loaded(pixels, noise=noise).logits, prediction)
+
+    return _TransformersExport(
+        ViTMAEForPreTraining,
+        vit_mae_config(encoder, decoder, **_mae_fields(model.config)),
+        mae_to_transformers(encoder.state_dict(), decoder.state_dict()),
+        _KEEP_ALL,
+        check,
+    )
+
+
+def _mae_fields(config) -> dict:
+    """The ``ViTMAEConfig`` fields that come from MAE's hyperparameters."""
+    return {key: config.method_kwargs[key] for key in ("mask_ratio", "norm_pix_loss")}
+
+
+def _identity_noise(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """MAE masking noise whose argsort keeps the patches in order."""
+    num_patches = vit.patch_embed.num_patches
+    return torch.arange(num_patches, dtype=pixels.dtype).expand(pixels.shape[0], num_patches)
+
+
+def _probe_images(config) -> torch.Tensor:
+    """Two fixed random images of the model's input size."""
+    channels = config.backbone_kwargs.get("in_chans", 3)
+    shape = (2, channels, config.image_size, config.image_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def _check_same(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    if not error <= TOLERANCE:
+        raise ValueError(f"{what}: the export does not reproduce sslhub's output (max relative error {error:.1e})")
+
+
+@contextmanager
+def _inference(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients inside the block; every submodule's train/eval mode is restored after it."""
+    modes = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for sub, training in modes.items():
+            sub.training = training
+
+
+@contextmanager
+def _atomic_directory(directory: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh staging directory next to ``directory``; renamed to ``directory`` when the block succeeds (replacing
+    a non-empty one only with ``overwrite``), deleted when it fails."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    staging = directory.with_name(f".{directory.name}.tmp-{token}")
+    staging.mkdir()
+    try:
+        yield staging
+        if directory.exists() and any(directory.iterdir()):
+            previous = directory.rename(directory.with_name(f".{directory.name}.old-{token}"))
+            staging.rename(directory)
+            shutil.rmtree(previous)
+        else:
+            staging.replace(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
