@@ -226,6 +226,42 @@ def test_moco_v2_pretraining_state_continues_from_the_file(moco_v2_file):
     assert model.config.method_kwargs["queue_size"] == 65536
 
 
+def test_moco_v1_file_has_a_linear_head(tmp_path, moco_v2_file):
+    """MoCo v1 (no ``--mlp``): ``encoder_q.fc`` is one Linear(2048, 128)."""
+    _, v2_state = moco_v2_file
+    state = {k: v for k, v in v2_state.items() if ".fc." not in k}
+    for name in ("encoder_q", "encoder_k"):
+        state[f"module.{name}.fc.weight"] = torch.randn(128, 2048)
+        state[f"module.{name}.fc.bias"] = torch.randn(128)
+    path = tmp_path / "moco_v1_200ep_pretrain.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, path)
+    method = convert_checkpoint("moco_v1_resnet50", path, task="pretraining").method
+    assert len(method.head_q) == 1 and torch.equal(method.head_q[0].weight, state["module.encoder_q.fc.weight"])
+    assert torch.equal(method.head_k[0].bias, state["module.encoder_k.fc.bias"])
+
+
+def test_moco_v3_resnet50_file_projector_in_fc(tmp_path, moco_v2_file, images):
+    """``r-50-*ep.pth.tar``: projector ``_build_mlp(2, 2048, hidden, dim)`` in ``fc``, predictor without last BN."""
+    _, v2_state = moco_v2_file
+    backbone = _encoder_q(v2_state)
+    torch.manual_seed(8)
+    projector, predictor = official_moco_v3_mlp(2, 2048, 256, 64, True), official_moco_v3_mlp(2, 64, 256, 64, False)
+    state = {"module.predictor." + k: v for k, v in predictor.state_dict().items()}
+    for name in ("base", "momentum"):
+        state |= {f"module.{name}_encoder.{k}": v for k, v in backbone.items()}
+        state |= {f"module.{name}_encoder.fc.{k}": v for k, v in projector.state_dict().items()}
+    path = tmp_path / "r-50-100ep.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state, "optimizer": {}, "scaler": {}}, path)
+    crop = images[:1, :, :64, :64]
+    with torch.no_grad():
+        pooled = convert_checkpoint("moco_v3_resnet50", path)(crop).pooler_output
+        assert relative_error(pooled, torchvision_features(backbone, crop)) < 1e-4
+        method = convert_checkpoint("moco_v3_resnet50", path, task="pretraining").method
+        features = torch.randn(3, 2048)
+        assert relative_error(method.base_projector(features), projector.eval()(features)) < 1e-4
+        assert relative_error(method.predictor(features[:, :64]), predictor.eval()(features[:, :64])) < 1e-4
+
+
 def test_dino_resnet50_backbone_file_leaves_out_fc(tmp_path, images):
     torch.manual_seed(4)
     state = torchvision.models.resnet50().state_dict()  # hub loads with strict=False: fc may be in the file
