@@ -166,6 +166,43 @@ def test_mae_encoder_file_matches_the_authors_vit(tmp_path, images):
     assert relative_error(out.last_hidden_state, expected) < 1e-4
 
 
+def test_mae_training_checkpoint_with_decoder_continues_pretraining(tmp_path):
+    """``util/misc.py save_model``: ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}``; ``model`` holds the
+    encoder and the decoder (``mask_token``, ``decoder_embed``, ``decoder_pos_embed``, ``decoder_blocks``,
+    ``decoder_norm``, ``decoder_pred``) at the top level. Decoder 2 x 128 here (read off the file)."""
+    g = torch.Generator().manual_seed(9)
+    encoder = official_vit_state(192, 12, 4, 65, g)
+    decoder = {
+        "mask_token": torch.randn(1, 1, 128, generator=g),
+        "decoder_embed.weight": torch.randn(128, 192, generator=g) * 0.05,
+        "decoder_embed.bias": torch.zeros(128),
+        "decoder_pos_embed": torch.randn(1, 65, 128, generator=g),
+        "decoder_norm.weight": torch.ones(128),
+        "decoder_norm.bias": torch.zeros(128),
+        "decoder_pred.weight": torch.randn(48, 128, generator=g) * 0.05,  # 4 x 4 x 3 pixels per patch
+        "decoder_pred.bias": torch.zeros(48),
+    }
+    for i in range(2):
+        block = official_vit_state(128, 1, 4, 65, g)
+        decoder |= {
+            k.replace("blocks.0.", f"decoder_blocks.{i}."): v for k, v in block.items() if k.startswith("blocks.")
+        }
+    args = argparse.Namespace(model="mae_vit_tiny", mask_ratio=0.75, norm_pix_loss=True)
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": encoder | decoder, "optimizer": {}, "epoch": 799, "scaler": {}, "args": args}, path)
+
+    model = convert_checkpoint("mae_vit_tiny_patch4_32px", path, task="pretraining")
+    method = model.method
+    assert (method.hparams.decoder_embed_dim, method.hparams.decoder_depth) == (128, 2)
+    assert torch.equal(method.decoder.decoder_blocks[1].mlp.fc2.weight, decoder["decoder_blocks.1.mlp.fc2.weight"])
+    assert torch.equal(method.decoder.mask_token, decoder["mask_token"])
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.isfinite(model([images]).loss)
+        released = model.released_model()(images).last_hidden_state
+    assert relative_error(released, official_vit_tokens(encoder, images, 3, 12, 4)) < 1e-4
+
+
 # ---- ResNet-50 releases against torchvision ---------------------------------------------------------------------
 def torchvision_features(state: dict, images: torch.Tensor) -> torch.Tensor:
     net = torchvision.models.resnet50()
