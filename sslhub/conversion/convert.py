@@ -72,13 +72,25 @@ def _backbone_copies(method: nn.Module, released: nn.Module) -> list[str]:
     ]
 
 
+def _folded_class_position(state: dict, expected: dict, problem: str) -> bool:
+    """DINOv2 register files keep a class-token slot in ``pos_embed`` that timm's reg4 models fold into
+    ``cls_token`` (``_convert_dinov2``): one position more than the model, nothing else different."""
+    if not problem.startswith("pos_embed:"):
+        return False
+    file, model = state["pos_embed"].shape, expected["pos_embed"].shape
+    return "register_tokens" in state and file[0] == model[0] and file[2] == model[2] and file[1] == model[1] + 1
+
+
 def timm_filter(
     state: dict[str, torch.Tensor], encoder: nn.Module, backbone: str, what: str
 ) -> dict[str, torch.Tensor]:
     """The architecture's own timm ``checkpoint_filter_fn`` (authors' names -> timm names, e.g. XCiT's fused
     class-attention ``qkv``; identity for timm names), after checking that tensors named as in the model have its
     shapes."""
-    wrong = _shape_problems(state, encoder.state_dict())
+    expected = encoder.state_dict()
+    wrong = [
+        problem for problem in _shape_problems(state, expected) if not _folded_class_position(state, expected, problem)
+    ]
     if wrong:  # timm would resample patch / position embeddings: a different model, never silently
         raise _mismatch_error(f"{what}, encoder for {backbone},", wrong=wrong)
     module = sys.modules[timm.models.model_entrypoint(backbone).__module__]
