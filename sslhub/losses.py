@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sslhub.distributed import mean_over_processes, world_size
+
 
 def info_nce_with_queue(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float
@@ -51,16 +53,86 @@ def dino_cross_entropy(
     ``student_logits``: one (B, K) tensor per crop, the global crops first, in the teacher's order;
     ``teacher_logits``: one (B, K) tensor per global crop; ``center``: (1, K).
     """
-    targets = [F.softmax((t - center) / teacher_temperature, dim=-1).detach() for t in teacher_logits]
+    targets = [F.softmax((t - center) / teacher_temperature, dim=-1) for t in teacher_logits]
+    return multi_crop_cross_entropy(student_logits, targets, student_temperature)
+
+
+def multi_crop_cross_entropy(
+    student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor], student_temperature: float
+) -> torch.Tensor:
+    """Multi-crop self-distillation cross-entropy (DINO, arXiv 2104.14294, eq. 3; DINOv2, arXiv 2304.07193, §4
+    "Image-level objective").
+
+    ``L = mean over pairs (t, s), s ≠ t, of  mean_b -Σ_k P_t[b, k] log softmax(g_s[b] / τ_s)[k]``.
+    ``student_logits``: one (B, K) tensor per crop, the global crops first, in the teacher's order;
+    ``teacher_probs``: one (B, K) target distribution per global crop (no gradient flows into it).
+    """
     log_probs = [F.log_softmax(s / student_temperature, dim=-1) for s in student_logits]
     total, terms = 0.0, 0
-    for t_index, target in enumerate(targets):
+    for t_index, target in enumerate(teacher_probs):
         for s_index, log_prob in enumerate(log_probs):
             if s_index == t_index:
                 continue
-            total = total + (-target * log_prob).sum(dim=-1).mean()
+            total = total + (-target.detach() * log_prob).sum(dim=-1).mean()
             terms += 1
     return total / terms
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    return mean_over_processes(tensor) * world_size()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp centering of the teacher (SwAV, arXiv 2006.09882, eq. 3; DINOv2, arXiv 2304.07193, §4
+    "Sinkhorn-Knopp centering"; ``DINOLoss.sinkhorn_knopp_teacher`` / ``iBOTPatchLoss.sinkhorn_knopp_teacher``).
+
+    ``Q = exp(g_t / τ_t)`` (B x K, B rows over all processes), scaled to sum 1; then ``iterations`` times: each
+    prototype column to total 1/K, each sample row to total 1/B. Returns ``B Q``: one assignment distribution per
+    row (rows sum to 1, prototypes used about equally over the global batch). Column sums and the row count are
+    all-reduced over processes (``sslhub.distributed``); computed in float32.
+    """
+    q = torch.exp(teacher_logits.float() / temperature)
+    rows = _sum_over_processes(q.new_tensor(float(q.shape[0])))
+    prototypes = q.shape[1]
+    q /= _sum_over_processes(q.sum())
+    for _ in range(iterations):
+        q /= _sum_over_processes(q.sum(dim=0, keepdim=True))
+        q /= prototypes
+        q /= q.sum(dim=1, keepdim=True)
+        q /= rows
+    return q * rows
+
+
+def ibot_patch_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor, student_temperature: float
+) -> torch.Tensor:
+    """iBOT masked-patch self-distillation (iBOT, arXiv 2111.07832, §3; DINOv2, arXiv 2304.07193, §4 "Patch-level
+    objective"; ``iBOTPatchLoss.forward_masked``).
+
+    ``L = 1/N Σ_n 1/|M_n| Σ_{i ∈ M_n} -Σ_k P_t[n, i, k] log softmax(g_s[n, i] / τ_s)[k]`` over the N images of
+    ``masks`` (N, L) (True = masked patch); an image without masked patches adds 0. ``student_logits`` and
+    ``teacher_probs``: (M, K), one row per masked patch in the row-major order of ``masks[masks]``.
+    """
+    per_patch = -(teacher_probs.detach() * F.log_softmax(student_logits / student_temperature, dim=-1)).sum(dim=-1)
+    weights = (1 / masks.sum(dim=-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    return (per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al., arXiv 1806.03198, §4; DINOv2, arXiv 2304.07193, §4 "KoLeo
+    regularizer"; ``KoLeoLoss``): the Kozachenko-Leonenko differential-entropy estimate of the batch, to maximise.
+
+    ``L = -1/n Σ_i log(d_{n,i} + ε)`` with ``d_{n,i} = min_{j≠i} ||x_i - x_j||`` over the L2-normalised rows of
+    ``features`` (n, D); distances as ``nn.PairwiseDistance(eps=1e-8)``, in float32.
+    """
+    x = F.normalize(features.float(), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.t()
+        similarity.fill_diagonal_(-1)
+        nearest = similarity.argmax(dim=1)
+    distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+    return -torch.log(distances + eps).mean()
 
 
 def masked_patch_mse(

@@ -1,6 +1,8 @@
-"""Patch utilities for masked image modelling: patchify, random masking, sin-cos position embeddings."""
+"""Patch utilities for masked image modelling: patchify, random and block masking, sin-cos position embeddings."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -57,3 +59,84 @@ def sincos_2d_position_embedding(
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
     return emb
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """An integer in [low, high], both included (``random.randint``)."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+class BlockMaskingGenerator:
+    """BEiT's block-wise masking (arXiv 2106.08254, Algorithm 1) as DINOv2's ``data/masking.py`` ``MaskingGenerator``.
+
+    ``generator(k)`` -> (H, W) bool mask with at most ``k`` patches set: rectangles of area ~U[min_num_patches,
+    min(k - masked, max_num_patches)] and aspect ratio log-uniform in [min_aspect, 1/min_aspect], each placed
+    uniformly at random and kept only if it adds between 1 and that many new patches (10 tries per rectangle);
+    stops at ``k`` or when a rectangle cannot be placed.
+    """
+
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        max_num_patches: float | None = None,
+        min_num_patches: int = 4,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ):
+        self.height, self.width = grid_size
+        self.max_num_patches = self.height * self.width if max_num_patches is None else max_num_patches
+        self.min_num_patches = min_num_patches
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+
+    def _add_block(self, mask: torch.Tensor, max_mask_patches: float, generator: torch.Generator | None) -> int:
+        for _ in range(10):
+            target_area = _uniform(self.min_num_patches, max_mask_patches, generator)
+            aspect_ratio = math.exp(_uniform(*self.log_aspect_ratio, generator))
+            h = round(math.sqrt(target_area * aspect_ratio))
+            w = round(math.sqrt(target_area / aspect_ratio))
+            if w < self.width and h < self.height:
+                top, left = _randint(0, self.height - h, generator), _randint(0, self.width - w, generator)
+                block = mask[top : top + h, left : left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= max_mask_patches:
+                    block.fill_(True)
+                    return new
+        return 0
+
+    def __call__(self, num_masking_patches: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < num_masking_patches:
+            added = self._add_block(mask, min(num_masking_patches - count, self.max_num_patches), generator)
+            if added == 0:
+                break
+            count += added
+        return mask
+
+
+def sample_ibot_masks(
+    num_images: int,
+    mask_generator: BlockMaskingGenerator,
+    ratio_min_max: tuple[float, float] = (0.1, 0.5),
+    probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Masks of a batch of global crops, as DINOv2's ``collate_data_and_cast``: ``int(num_images * probability)``
+    images are masked, the i-th of them with a ratio drawn uniformly in the i-th of as many equal slices of
+    ``ratio_min_max`` (``int(L * ratio)`` patches, block-wise), the others not at all; the masks are then shuffled
+    over the images. Returns (num_images, L) bool, L = H * W patches in row-major order.
+    """
+    num_masked = int(num_images * probability)
+    bounds = torch.linspace(*ratio_min_max, num_masked + 1).tolist()
+    num_patches = mask_generator.height * mask_generator.width
+    masks = [
+        mask_generator(int(num_patches * _uniform(bounds[i], bounds[i + 1], generator)), generator)
+        for i in range(num_masked)
+    ]
+    masks += [mask_generator(0)] * (num_images - num_masked)
+    order = torch.randperm(num_images, generator=generator)
+    return torch.stack(masks).flatten(1)[order]

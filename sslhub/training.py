@@ -131,6 +131,13 @@ def build_optimizer(method: SSLMethod, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"Unknown optimizer {hp.optimizer!r} in the hyperparameters of {method.name!r}")
 
 
+def scaled_learning_rate(hparams, images_per_step: int) -> float:
+    """The method's base ``lr`` (per ``lr_batch_size`` images) for ``images_per_step``: linear scaling (Goyal et al.
+    2017; MoCo, DINO, MAE) or square-root scaling (DINOv2 ``apply_scaling_rules_to_cfg``)."""
+    ratio = images_per_step / hparams.lr_batch_size
+    return hparams.lr * (math.sqrt(ratio) if hparams.lr_scaling == "sqrt" else ratio)
+
+
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float) -> float:
     """Linear warm-up from 0 to ``peak``, then half-cosine to ``minimum`` (DINO / MAE ``cosine_scheduler``)."""
     if step < warmup_steps:
@@ -284,9 +291,7 @@ class Pretrainer:
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(args.seed),  # a new iterator must not draw from the global RNG
         )
-        self.peak_lr = args.lr or (
-            self.hparams.lr * global_batch * args.gradient_accumulation_steps / self.hparams.lr_batch_size
-        )
+        self.peak_lr = args.lr or scaled_learning_rate(self.hparams, global_batch * args.gradient_accumulation_steps)
         optimizer = build_optimizer(model.method, self.peak_lr)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.method = self.accelerator.unwrap_model(self.model).method
@@ -332,10 +337,11 @@ class Pretrainer:
         return learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, self.hparams.min_lr)
 
     def set_schedules(self, progress: TrainingProgress) -> None:
-        """Learning rate, weight decay of the decayed groups, and the method's own schedules."""
+        """Learning rate (times each group's ``lr_scale``), weight decay of the decayed groups, and the method's own
+        schedules."""
         lr = self.learning_rate(progress)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             if group["weight_decay"] > 0:
                 group["weight_decay"] = self.method.weight_decay_at(progress)
         self.method.on_step_start(progress)

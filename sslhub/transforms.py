@@ -43,10 +43,11 @@ def _color_distortion(saturation: float) -> list[v2.Transform]:
     return [v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
 
 
-def _blur(image_size: int, p: float) -> v2.Transform:
+def _blur(image_size: int, p: float, kernel_size: int | None = None) -> v2.Transform:
     """Gaussian blur, σ ~ U[0.1, 2], with probability ``p``. The official code blurs with PIL (radius σ, no
-    kernel size); the kernel here is SimCLR's: odd, about 10 % of the image side, at least 3."""
-    kernel = max(3, 2 * (image_size // 20) + 1)
+    kernel size); the kernel here is SimCLR's: odd, about 10 % of the image side, at least 3, unless
+    ``kernel_size`` is given (DINOv2 uses torchvision's blur with a 9 x 9 kernel)."""
+    kernel = kernel_size or max(3, 2 * (image_size // 20) + 1)
     return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
 
@@ -57,12 +58,19 @@ def _byol_view(crop: v2.Transform, *extra: v2.Transform, mean: Sequence[float], 
     )
 
 
-def _byol_pair(crop: v2.Transform, size: int, mean: Sequence[float], std: Sequence[float]) -> list[v2.Compose]:
-    """BYOL's asymmetric views (arXiv 2006.07733, Table 6): the first always blurred, the second blurred with p=0.1
-    and solarised (threshold 128) with p=0.2."""
+def _byol_pair(
+    crop: v2.Transform,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    blur: tuple[float, float] = (1.0, 0.1),
+    blur_kernel_size: int | None = None,
+) -> list[v2.Compose]:
+    """BYOL's asymmetric views (arXiv 2006.07733, Table 6): the first blurred with p=``blur[0]`` (always), the
+    second blurred with p=``blur[1]`` (0.1) and solarised (threshold 128) with p=0.2."""
     return [
-        _byol_view(crop, _blur(size, p=1.0), mean=mean, std=std),
-        _byol_view(crop, _blur(size, p=0.1), v2.RandomSolarize(128, p=0.2), mean=mean, std=std),
+        _byol_view(crop, _blur(size, blur[0], blur_kernel_size), mean=mean, std=std),
+        _byol_view(crop, _blur(size, blur[1], blur_kernel_size), v2.RandomSolarize(128, p=0.2), mean=mean, std=std),
     ]
 
 
@@ -118,15 +126,48 @@ def multi_crop_dino(
     *,
     mean: Sequence[float],
     std: Sequence[float],
+    blur_probabilities: tuple[float, float, float] = (1.0, 0.1, 0.5),
+    blur_kernel_size: int | None = None,
 ) -> MultiView:
     """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): ``[global 1, global 2, local
     1..n]``. Every crop is a bicubic random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8) and
     grayscale (p=0.2); the two global crops are BYOL's pair (global 1 always blurred, global 2 blurred with p=0.1
-    and solarised with p=0.2), the locals blurred with p=0.5."""
+    and solarised with p=0.2), the locals blurred with p=0.5. ``blur_probabilities`` (global 1, global 2, locals)
+    and ``blur_kernel_size`` change the blur (DINOv2, see ``multi_crop_dinov2``)."""
     global_crop = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=BICUBIC)
     local_crop = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=BICUBIC)
-    local = _byol_view(local_crop, _blur(local_size, p=0.5), mean=mean, std=std)
-    return MultiView(_byol_pair(global_crop, global_size, mean, std) + [local] * n_local)
+    *global_blur, local_blur = blur_probabilities
+    local = _byol_view(local_crop, _blur(local_size, local_blur, blur_kernel_size), mean=mean, std=std)
+    pair = _byol_pair(global_crop, global_size, mean, std, tuple(global_blur), blur_kernel_size)
+    return MultiView(pair + [local] * n_local)
+
+
+def multi_crop_dinov2(
+    global_size: int,
+    local_size: int,
+    n_local: int,
+    global_scale: tuple[float, float] = (0.32, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.32),
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> MultiView:
+    """DINOv2 ``DataAugmentationDINO`` (facebookresearch/dinov2 ``data/augmentations.py``, crop scales of
+    ``ssl_default_config.yaml``): DINO's multi-crop with the blur as the released models were trained. DINOv2's
+    ``GaussianBlur(p)`` (``data/transforms.py``) hands ``RandomApply`` the probability ``1 - p``, and torchvision
+    applies with the probability it is given: global 1 (p=1.0) is never blurred, global 2 (p=0.1) is blurred with
+    probability 0.9, the locals with 0.5; torchvision blur, 9 x 9 kernel, σ ~ U[0.1, 2]."""
+    return multi_crop_dino(
+        global_size,
+        local_size,
+        n_local,
+        global_scale,
+        local_scale,
+        mean=mean,
+        std=std,
+        blur_probabilities=(0.0, 0.9, 0.5),
+        blur_kernel_size=9,
+    )
 
 
 def single_view_mae(

@@ -11,7 +11,16 @@ import torch
 import sslhub
 from sslhub.cli import main as cli_main
 from sslhub.methods import TrainingProgress
-from sslhub.training import PretrainArguments, Pretrainer, checkpoint_dirs, learning_rate_at, pretrain
+from sslhub.methods.dinov2 import DINOv2Hparams
+from sslhub.methods.moco import MoCoV2Hparams
+from sslhub.training import (
+    PretrainArguments,
+    Pretrainer,
+    checkpoint_dirs,
+    learning_rate_at,
+    pretrain,
+    scaled_learning_rate,
+)
 
 SHALLOW = {"backbone_kwargs": {"depth": 2}}  # 2-block ViTs keep the tests fast
 
@@ -52,6 +61,22 @@ def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tm
         assert [group["lr"] for group in trainer.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
     with pytest.raises(ValueError, match="no warm-up"):
         sslhub.create_model("moco_v1_resnet18", warmup_epochs=1)
+
+
+def test_lr_scaling_rules_and_group_lr_scale(image_folder, tmp_path):
+    """Linear scaling (Goyal et al.) for MoCo / DINO / MAE, square root for DINOv2 (lr 4e-3 x sqrt(batch / 1024));
+    a group's ``lr_scale`` (layer-wise decay) multiplies the scheduled lr."""
+    moco = sslhub.create_model("moco_v2_resnet18_32px").config.method_kwargs
+    assert scaled_learning_rate(MoCoV2Hparams(**moco), 512) == pytest.approx(0.03 * 2)
+    assert scaled_learning_rate(DINOv2Hparams(), 256) == pytest.approx(4e-3 * 0.5)
+    args = tiny_args(image_folder, tmp_path, model="dinov2_vit_tiny_patch4_32px", knn_every=0, overrides=SHALLOW)
+    trainer = Pretrainer(args)
+    assert trainer.peak_lr == pytest.approx(4e-3 * (16 / 1024) ** 0.5)
+    progress = TrainingProgress(trainer.warmup_steps, trainer.total_steps, trainer.steps_per_epoch)
+    trainer.set_schedules(progress)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(trainer.peak_lr * group["lr_scale"], rel=1e-12)
+    assert len({group["lr"] for group in trainer.optimizer.param_groups}) > 1
 
 
 def test_pretrain_saves_loadable_encoder_and_pretraining_model(image_folder, tmp_path):

@@ -17,14 +17,16 @@ if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
 
 LR_SCHEDULES = ("cosine", "step")
+LR_SCALINGS = ("linear", "sqrt")
 
 
 @dataclass
 class MethodHparams:
     """Optimisation recipe shared by all methods; each method subclasses it with the paper's defaults.
 
-    ``lr`` is the base learning rate for a batch of ``lr_batch_size`` images; the trainer scales it linearly
-    with the real batch size (Goyal et al. 2017), as the official MoCo, DINO and MAE code do. ``lr_schedule``:
+    ``lr`` is the base learning rate for a batch of ``lr_batch_size`` images; the trainer scales it with the real
+    batch size, linearly (Goyal et al. 2017, as the official MoCo, DINO and MAE code do) or by its square root
+    (``lr_scaling="sqrt"``, DINOv2). Parameter groups may carry an ``lr_scale`` (layer-wise decay). ``lr_schedule``:
     ``"cosine"`` (linear warm-up, then half-cosine to ``min_lr``) or ``"step"`` (MoCo v1: ``lr`` times 0.1 at each
     epoch of ``lr_milestones``, no warm-up). ``optimizer``: ``"sgd"``, ``"adamw"`` or ``"lars"``.
     """
@@ -42,8 +44,11 @@ class MethodHparams:
     epochs: int = 200
     lr_schedule: str = "cosine"
     lr_milestones: tuple[int, ...] = ()
+    lr_scaling: str = "linear"
 
     def __post_init__(self):
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"lr_scaling {self.lr_scaling!r}: expected one of {LR_SCALINGS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
         if self.lr_schedule == "step" and self.warmup_epochs:
@@ -156,11 +161,7 @@ class SSLMethod(nn.Module):
     def weight_decay_at(self, progress: TrainingProgress) -> float:
         """Weight decay for the decayed group: constant, or cosine to ``weight_decay_end`` (DINO)."""
         end = self.hparams.weight_decay_end
-        return (
-            self.hparams.weight_decay
-            if end is None
-            else cosine_schedule(self.hparams.weight_decay, end, progress)
-        )
+        return self.hparams.weight_decay if end is None else cosine_schedule(self.hparams.weight_decay, end, progress)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
         """Set per-step schedules (temperatures, momenta) before the forward pass."""
