@@ -40,9 +40,7 @@ PRESETS = {"moco_v2": "moco_v2_resnet18_32px", "dino": "dino_vit_tiny_patch4_32p
 def stratified(dataset: ImageDataset, size: int, seed: int = 0) -> list[int]:
     if size >= len(dataset):
         return list(range(len(dataset)))
-    chosen, _ = train_test_split(
-        list(range(len(dataset))), train_size=size, random_state=seed, stratify=dataset.labels
-    )
+    chosen, _ = train_test_split(list(range(len(dataset))), train_size=size, random_state=seed, stratify=dataset.labels)
     return sorted(chosen)
 
 

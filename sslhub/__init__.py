@@ -1,5 +1,6 @@
 """sslhub: self-supervised vision models as Hugging Face models, pretrained with Accelerate."""
 
+from sslhub import evaluate
 from sslhub.configuration import SSLConfig
 from sslhub.export import export_timm, export_transformers
 from sslhub.factory import create_model, from_pretrained, to_timm
@@ -15,6 +16,7 @@ __all__ = [
     "SSLModel",
     "SSLPreTrainedModel",
     "create_model",
+    "evaluate",
     "export_timm",
     "export_transformers",
     "from_pretrained",

@@ -20,9 +20,7 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
     except TypeError as err:
-        raise ValueError(
-            f"timm backbone {name!r} does not accept the options {sorted(kwargs)}: {err}"
-        ) from err
+        raise ValueError(f"timm backbone {name!r} does not accept the options {sorted(kwargs)}: {err}") from err
 
 
 def is_vision_transformer(backbone: nn.Module) -> bool:
@@ -45,9 +43,7 @@ def pool_features(hidden: torch.Tensor, pooling: str, num_prefix_tokens: int = 0
     """
     if hidden.ndim == 4:
         if pooling != "avg":
-            raise ValueError(
-                f"pooling {pooling!r} needs tokens; a convolutional feature map only supports 'avg'"
-            )
+            raise ValueError(f"pooling {pooling!r} needs tokens; a convolutional feature map only supports 'avg'")
         return hidden.mean(dim=(2, 3))
     if pooling == "cls":
         if num_prefix_tokens == 0:

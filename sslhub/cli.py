@@ -1,4 +1,4 @@
-"""Command-line front: ``sslhub list | pretrain | convert | export`` (``python -m sslhub`` too)."""
+"""Command-line front: ``sslhub list | pretrain | eval | finetune | convert | export | push`` (``python -m sslhub``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from sslhub.evaluate import add_eval_parser, run_eval
+from sslhub.finetune import add_finetune_parser, run_finetune
+from sslhub.hub import add_push_parser, run_push
 from sslhub.registry import get_preset, get_pretrained, list_models, list_pretrained
 
 # flag -> (type, help); defaults come from PretrainArguments
@@ -162,11 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_pretrain_parser(subparsers)
     _add_convert_parser(subparsers)
     _add_export_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_finetune_parser(subparsers)
+    add_push_parser(subparsers)
     ns = parser.parse_args(argv)
     try:
-        return {"list": _run_list, "pretrain": _run_pretrain, "convert": _run_convert, "export": _run_export}[
-            ns.command
-        ](ns)
+        return {
+            "list": _run_list,
+            "pretrain": _run_pretrain,
+            "convert": _run_convert,
+            "export": _run_export,
+            "eval": run_eval,
+            "finetune": run_finetune,
+            "push": run_push,
+        }[ns.command](ns)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"sslhub {ns.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,12 +2,14 @@
 
 Every source becomes an ``ImageDataset`` of RGB PIL images (+ integer labels when known) whose augmentations
 are a pure function of ``(seed, epoch, index)``: views do not depend on workers, prefetching or the number of
-processes, and a resumed run sees exactly the views of an uninterrupted one.
+processes, and a resumed run sees exactly the views of an uninterrupted one. ``labelled_splits`` gives the
+(train, evaluation) pair of labelled data that kNN, linear probes and fine-tuning use.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import random
@@ -29,6 +31,7 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 HF_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+HELD_OUT_SPLITS = ("validation", "val", "test")
 ACCEPTED = (
     "'builtin', 'fashion-mnist', a directory saved with datasets' save_to_disk, an imagefolder directory "
     "with metadata.csv / metadata.jsonl, or a folder of images"
@@ -91,7 +94,8 @@ class ImageDataset(Dataset):
 
     ``images`` is list-like: PIL images (any mode), image file paths or uint8 arrays. ``__getitem__`` runs the
     transform with the RNGs seeded from ``(seed, epoch, index)`` (``set_epoch`` before each epoch) and leaves
-    the global RNG states as they were.
+    the global RNG states as they were. ``fingerprint`` identifies images that are costly to hash one by one
+    (an HF dataset's fingerprint); ``None`` when the items themselves identify the data.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class ImageDataset(Dataset):
         classes: Sequence[str] | None = None,
         transform: Callable | None = None,
         seed: int = 0,
+        fingerprint: str | None = None,
     ):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
@@ -109,6 +114,7 @@ class ImageDataset(Dataset):
         self.classes = None if classes is None else list(classes)
         self.transform = transform
         self.seed = seed
+        self.fingerprint = fingerprint
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -141,9 +147,7 @@ def builtin_digits(split: str) -> ImageDataset:
 
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    train, test = train_test_split(
-        np.arange(len(images)), test_size=0.2, random_state=0, stratify=digits.target
-    )
+    train, test = train_test_split(np.arange(len(images)), test_size=0.2, random_state=0, stratify=digits.target)
     chosen = _pick_split(split, "builtin", train=train, test=test)
     return ImageDataset(images[chosen], digits.target[chosen], [str(digit) for digit in range(10)])
 
@@ -208,8 +212,7 @@ def image_folder(directory: Path) -> ImageDataset:
     if skipped:
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         warnings.warn(
-            f"Skipped {len(skipped)} unreadable or non-image file(s) in {directory}: "
-            f"{', '.join(skipped[:10])}{more}",
+            f"Skipped {len(skipped)} unreadable or non-image file(s) in {directory}: {', '.join(skipped[:10])}{more}",
             stacklevel=3,
         )
     if not images:
@@ -252,7 +255,7 @@ def hf_dataset(
             classes = sorted(set(labels))
             index = {value: i for i, value in enumerate(classes)}
             labels, classes = [index[value] for value in labels], [str(value) for value in classes]
-    return ImageDataset(dataset[image_column], labels, classes)
+    return ImageDataset(dataset[image_column], labels, classes, fingerprint=dataset._fingerprint)
 
 
 def load_image_dataset(
@@ -265,21 +268,183 @@ def load_image_dataset(
         return builtin_digits(split)
     if spec == "fashion-mnist":
         return fashion_mnist(split)
+    path = _directory(spec)
+    splits = _hf_splits(path)
+    if splits is not None:
+        return hf_dataset(_pick_split(split, spec, **splits), image_column, label_column, name=spec)
+    return image_folder(_pick_split(split, spec, train=path))
+
+
+def _directory(spec: str) -> Path:
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"data {spec!r} is not a directory; expected {ACCEPTED}")
+    return path
+
+
+def _hf_splits(path: Path) -> dict | None:
+    """The splits (name -> ``datasets.Dataset``) of a ``save_to_disk`` or ``imagefolder``-with-metadata directory;
+    ``None`` for any other folder."""
     if any((path / marker).is_file() for marker in HF_SAVED_MARKERS):
         from datasets import DatasetDict, load_from_disk
 
         loaded = load_from_disk(str(path))
-        splits = loaded if isinstance(loaded, DatasetDict) else {"train": loaded}
-        return hf_dataset(_pick_split(split, spec, **splits), image_column, label_column, name=spec)
+        return dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
     if any((path / name).is_file() for name in IMAGEFOLDER_METADATA):
         from datasets import load_dataset
 
-        loaded = load_dataset("imagefolder", data_dir=str(path), split=split)
-        return hf_dataset(loaded, image_column, label_column, name=spec)
-    return image_folder(_pick_split(split, spec, train=path))
+        return dict(load_dataset("imagefolder", data_dir=str(path)))
+    return None
+
+
+class _Selection(Sequence):
+    """``items[indices[i]]`` for each ``i``, read lazily (HF image columns decode on access)."""
+
+    def __init__(self, items: Sequence, indices: Sequence[int]):
+        self.items, self.indices = items, [int(index) for index in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.items[self.indices[index]]
+
+
+def subset(dataset: ImageDataset, indices: Sequence[int]) -> ImageDataset:
+    """The items ``indices`` of ``dataset`` as a new ``ImageDataset`` with the same classes, seed and transform."""
+    fingerprint = None
+    if dataset.fingerprint is not None:
+        fingerprint = hashlib.sha256(f"{dataset.fingerprint}:{list(map(int, indices))}".encode()).hexdigest()[:16]
+    labels = None if dataset.labels is None else [dataset.labels[index] for index in indices]
+    images = _Selection(dataset.images, indices)
+    return ImageDataset(images, labels, dataset.classes, dataset.transform, dataset.seed, fingerprint)
+
+
+def stratified_split(dataset: ImageDataset, val_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(train, validation): a seeded split keeping every class's share (scikit-learn ``train_test_split``)."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    counts = np.bincount(dataset.labels)
+    single = [dataset.classes[label] for label in np.flatnonzero(counts == 1)]
+    if single:
+        raise ValueError(f"class(es) {single} have a single image; a stratified train / validation split needs two")
+    try:
+        train, held_out = train_test_split(
+            np.arange(len(dataset)), test_size=val_fraction, random_state=seed, stratify=dataset.labels
+        )
+    except ValueError as error:  # e.g. fewer validation images than classes
+        raise ValueError(f"cannot split {len(dataset)} images {val_fraction:.0%} for validation: {error}") from error
+    return subset(dataset, np.sort(train)), subset(dataset, np.sort(held_out))
+
+
+def _labelled_folder(directory: Path) -> ImageDataset:
+    """A class-per-subfolder image folder; every non-hidden subfolder must hold a readable image."""
+    dataset = image_folder(directory)
+    if dataset.labels is None:
+        raise ValueError(
+            f"{directory}: labelled data needs one subfolder per class (e.g. {directory}/cat/1.png); "
+            "found images outside class subfolders"
+        )
+    folders = sorted(entry.name for entry in directory.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    empty = [folder for folder in folders if folder not in dataset.classes]
+    if empty:
+        raise ValueError(f"{directory}: class folder(s) {empty} hold no readable images")
+    return dataset
+
+
+def _labelled_hf(dataset, image_column: str | None, label_column: str | None, name: str) -> ImageDataset:
+    images = hf_dataset(dataset, image_column, label_column, name=name)
+    if images.labels is None:
+        raise ValueError(
+            f"{name}: no label column (no ClassLabel feature and no column named 'label'); columns are "
+            f"{list(dataset.features)} (pass the label column)"
+        )
+    return images
+
+
+def _held_out_sources(
+    spec: str, image_column: str | None, label_column: str | None
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """(training data, the data's own held-out split or ``None``), both labelled."""
+    if spec in ("builtin", "fashion-mnist"):
+        return load_image_dataset(spec, "train"), load_image_dataset(spec, "test")
+    path = _directory(spec)
+    splits = _hf_splits(path)
+    if splits is not None:
+        held_out = next((splits[name] for name in HELD_OUT_SPLITS if name in splits), None)
+        train = _labelled_hf(_pick_split("train", spec, **splits), image_column, label_column, f"{spec} (train)")
+        if held_out is None:
+            return train, None
+        return train, _labelled_hf(held_out, image_column, label_column, f"{spec} (held-out split)")
+    folders = [path / name for name in HELD_OUT_SPLITS if (path / name).is_dir()]
+    if (path / "train").is_dir() and folders:
+        return _labelled_folder(path / "train"), _labelled_folder(folders[0])
+    return _labelled_folder(path), None
+
+
+def _with_classes(dataset: ImageDataset, classes: list[str], where: str) -> ImageDataset:
+    """``dataset`` relabelled to the indices of ``classes`` (matched by name)."""
+    unknown = sorted(set(dataset.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{where} has class(es) {unknown} that the training data lacks ({classes})")
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index[dataset.classes[label]] for label in dataset.labels]
+    return ImageDataset(dataset.images, labels, classes, dataset.transform, dataset.seed, dataset.fingerprint)
+
+
+def labelled_splits(
+    spec: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[ImageDataset, ImageDataset]:
+    """(train, evaluation) labelled datasets of ``spec`` (see :func:`load_image_dataset`), without transforms.
+
+    The evaluation set is the data's own held-out split when it has one: the "test" split of ``builtin`` /
+    ``fashion-mnist``, an HF dataset's "validation" or "test" split, or the ``val/``, ``validation/`` or ``test/``
+    folder next to ``train/`` (each with one subfolder per class). Otherwise it is a seeded stratified
+    ``val_fraction`` of the training images. Labels of both refer to the training data's ``classes``.
+    """
+    train, held_out = _held_out_sources(spec, image_column, label_column)
+    labels = train.labels + (held_out.labels if held_out is not None else [])
+    if min(labels) < 0:
+        raise ValueError(f"{spec}: some items have no label (label -1); drop them before evaluating")
+    if train.classes is None:  # integer labels without names
+        train.classes = [str(label) for label in range(max(labels) + 1)]
+        if held_out is not None:
+            held_out.classes = train.classes
+    present = sorted({train.classes[label] for label in train.labels})
+    if len(present) < 2:
+        raise ValueError(f"{spec}: classification needs at least two classes; the training data has {present}")
+    if held_out is None:
+        return stratified_split(train, val_fraction, seed)
+    return train, _with_classes(held_out, train.classes, f"{spec} (held-out split)")
+
+
+def _item_identity(item) -> bytes:
+    """Bytes that change when an image item changes: a file's resolved path, size and modification time, or the
+    pixels of an in-memory image."""
+    if isinstance(item, (str, os.PathLike)):
+        stat = os.stat(item)
+        return f"{Path(item).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    if isinstance(item, Image.Image):
+        return f"{item.mode}:{item.size}:".encode() + item.tobytes()
+    array = np.ascontiguousarray(item)
+    return f"{array.dtype}:{array.shape}:".encode() + array.tobytes()
+
+
+def dataset_fingerprint(dataset: ImageDataset) -> str:
+    """A hash of what ``dataset`` holds: labels, classes, and its ``fingerprint`` (HF data) or every image's identity
+    (files: path, size, mtime; arrays and PIL images: pixels). The transform is not part of it."""
+    digest = hashlib.sha256(repr((len(dataset), dataset.labels, dataset.classes, dataset.fingerprint)).encode())
+    if dataset.fingerprint is None:
+        for item in dataset.images:
+            digest.update(_item_identity(item))
+    return digest.hexdigest()
 
 
 def multi_view_collate(

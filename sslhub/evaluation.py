@@ -1,21 +1,29 @@
-"""Frozen-feature evaluation: feature extraction and the weighted k-nearest-neighbour classifier.
+"""Frozen-feature evaluation: feature extraction, the weighted k-nearest-neighbour classifier and linear probes.
 
 The kNN classifier is the one of InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
 Instance Discrimination", arXiv 1805.01978, eq. 7) as implemented in DINO's ``eval_knn.py`` (Caron et al. 2021,
 arXiv 2104.14294): cosine similarity between L2-normalised features, the k most similar training samples vote
 for their class with weight ``exp(sim / T)``, T = 0.07, k = 20.
+
+Linear probes train a linear classifier on frozen features, with the recipes of the official linear-classification
+scripts (``LINEAR_RECIPES``), or fit an L2-regularised logistic regression with L-BFGS (scikit-learn).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from sslhub.optim import LARS
 
 
 @contextmanager
@@ -143,3 +151,132 @@ def knn_evaluate(
     train_features, train_labels = extract_features(model, train_dataset, batch_size=batch_size, progress=progress)
     test_features, test_labels = extract_features(model, test_dataset, batch_size=batch_size, progress=progress)
     return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k, temperature=temperature)
+
+
+@dataclass(frozen=True)
+class LinearRecipe:
+    """A linear-classification protocol on frozen features: optimizer (``"sgd"`` with momentum 0.9 or ``"lars"``),
+    ``base_lr`` per 256 images, weight decay, epochs, batch size, linear warm-up epochs then cosine decay to 0, and
+    ``batchnorm``: a ``BatchNorm1d(affine=False, eps=1e-6)`` before the linear layer (MAE). ``source`` names the
+    official script it follows."""
+
+    source: str
+    base_lr: float
+    epochs: int
+    batch_size: int
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    batchnorm: bool = False
+
+    @property
+    def lr(self) -> float:
+        """The absolute learning rate of the official run: ``base_lr x batch_size / 256``."""
+        return self.base_lr * self.batch_size / 256
+
+
+# Deviations on cached features, for every recipe: no augmentation (the official scripts train on random resized
+# crops + flips; here the centre-crop features are computed once); cosine decay (MoCo v1/v2 decays in steps at
+# epochs 60 and 80 unless ``--cos``); data smaller than one batch is one batch, trained with the official absolute
+# lr; and at least MIN_LINEAR_STEPS optimizer steps (more epochs on small data, where the official epoch count would
+# give a handful of steps).
+MIN_LINEAR_STEPS = 1000
+MOCO_V2_LINEAR = LinearRecipe("facebookresearch/moco main_lincls.py", 30.0, 100, 256)
+LINEAR_RECIPES = {
+    "moco_v1": MOCO_V2_LINEAR,
+    "moco_v2": MOCO_V2_LINEAR,
+    "moco_v3": LinearRecipe("facebookresearch/moco-v3 main_lincls.py", 0.1, 90, 1024),
+    "dino": LinearRecipe("facebookresearch/dino eval_linear.py (on the pooled features)", 0.001, 100, 1024),
+    "mae": LinearRecipe(
+        "facebookresearch/mae main_linprobe.py", 0.1, 90, 16384, optimizer="lars", warmup_epochs=10, batchnorm=True
+    ),
+}
+
+
+def linear_classifier(
+    dim: int, num_classes: int, batchnorm: bool = False, generator: torch.Generator | None = None
+) -> nn.Sequential:
+    """``Linear(dim, num_classes)`` with weights ~ N(0, 0.01²) and zero bias (MoCo / DINO / MAE linear heads),
+    after a ``BatchNorm1d(dim, affine=False, eps=1e-6)`` when ``batchnorm`` (MAE ``main_linprobe.py``). The norm
+    keeps a cumulative average of the batch statistics (``momentum=None``) rather than MAE's running average, so
+    that the short runs of small data end with the statistics of the whole training set."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01, generator=generator)
+    nn.init.zeros_(linear.bias)
+    norm = [nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)] if batchnorm else []
+    return nn.Sequential(*norm, linear)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Per-step lr: linear warm-up to the optimizer's lr, then cosine decay to 0 at ``total_steps``."""
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def linear_epochs(recipe: LinearRecipe, num_samples: int) -> int:
+    """The recipe's epochs, or more so that ``num_samples`` images give at least ``MIN_LINEAR_STEPS`` steps."""
+    steps_per_epoch = math.ceil(num_samples / min(recipe.batch_size, num_samples))
+    return max(recipe.epochs, math.ceil(MIN_LINEAR_STEPS / steps_per_epoch))
+
+
+def train_linear_classifier(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    recipe: LinearRecipe,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Sequential:
+    """A :func:`linear_classifier` trained with cross-entropy on fixed ``features`` (N, D), on their device:
+    ``recipe.epochs`` passes over shuffled batches of ``min(recipe.batch_size, N)`` (order from a generator seeded
+    with ``seed``, which also draws the initial weights), lr ``recipe.lr`` with warm-up + cosine per step. Returned
+    in eval mode."""
+    if features.shape[0] != labels.shape[0] or features.shape[0] == 0:
+        raise ValueError(f"need one label per feature row and at least one row; got {features.shape}, {labels.shape}")
+    batch_size = min(recipe.batch_size, features.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    classifier = linear_classifier(features.shape[1], num_classes, recipe.batchnorm, generator).to(features.device)
+    if recipe.optimizer == "lars":
+        optimizer = LARS(classifier.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            classifier.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay
+        )
+    steps_per_epoch = math.ceil(features.shape[0] / batch_size)
+    schedule = _warmup_cosine(optimizer, recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch)
+    labels = labels.to(features.device)
+    classifier.train()
+    for _ in tqdm(range(recipe.epochs), desc="Linear probe", disable=not progress):
+        for batch in torch.randperm(features.shape[0], generator=generator).to(features.device).split(batch_size):
+            loss = F.cross_entropy(classifier(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return classifier.eval()
+
+
+def logistic_regression_logits(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> torch.Tensor:
+    """Log-probabilities (N_test, num_classes) of an L2-regularised multinomial logistic regression fitted with
+    L-BFGS on standardised features (scikit-learn ``StandardScaler`` + ``LogisticRegression``; ``C`` = inverse
+    regularisation strength). Classes absent from the training labels get -inf."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    model.fit(train_features.cpu().double().numpy(), train_labels.cpu().numpy())
+    log_proba = torch.from_numpy(model.predict_log_proba(test_features.cpu().double().numpy()))
+    logits = torch.full((test_features.shape[0], num_classes), -math.inf, dtype=torch.float64)
+    logits[:, torch.from_numpy(model.classes_)] = log_proba
+    return logits

@@ -7,6 +7,7 @@ import os
 from torch import nn
 
 from sslhub.configuration import SSLConfig
+from sslhub.hub import HUB_KWARGS, resolve_checkpoint
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
 from sslhub.registry import get_pretrained
 
@@ -52,14 +53,20 @@ def create_model(
 
 
 def from_pretrained(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> SSLPreTrainedModel:
-    """Load an sslhub checkpoint (local directory or Hub repo id) as the class it was saved from, or as ``task``."""
+    """Load an sslhub checkpoint (local directory or Hub repo id) as the class it was saved from, or as ``task``.
+
+    A Hub repo comes through huggingface_hub (its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``; ``revision``, ``token``,
+    ``cache_dir``, ``force_download`` and ``local_files_only`` go there): config and safetensors only, no remote code.
+    What cannot be loaded raises ``sslhub.hub.HubError`` with one sentence (``sslhub.hub.resolve_checkpoint``).
+    """
+    path = resolve_checkpoint(name_or_path, **{key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs})
     if task is None:
-        config = SSLConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "revision"})
+        config = SSLConfig.from_pretrained(path)
         saved = (config.architectures or ["SSLModel"])[0]
         model_class = {cls.__name__: cls for cls in TASKS.values()}.get(saved, SSLModel)
     else:
         model_class = _model_class(task)
-    return model_class.from_pretrained(name_or_path, **kwargs)
+    return model_class.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
 def to_timm(model: nn.Module) -> nn.Module:

@@ -44,9 +44,7 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def sincos_2d_position_embedding(
-    dim: int, grid_size: tuple[int, int], cls_token: bool = False
-) -> torch.Tensor:
+def sincos_2d_position_embedding(dim: int, grid_size: tuple[int, int], cls_token: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (L, dim) as MAE's ``get_2d_sincos_pos_embed``.
 
     The first half of the channels encodes the column index, the second half the row index; with ``cls_token`` a

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from transformers import (
     AutoModelForImageClassification,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from sslhub.backbones import create_backbone, default_pooling, pool_features
 from sslhub.configuration import SSLConfig
-from sslhub.hub import render_model_card, save_model_card
+from sslhub.hub import push_checkpoint, render_model_card, save_model_card
 from sslhub.registry import get_method
 
 
@@ -47,6 +49,17 @@ class SSLPreTrainedModel(PreTrainedModel):
             **card_fields,
         )
 
+    def push_to_hub(self, repo_id: str, *, commit_message=None, private=None, token=None, revision=None):
+        """Upload ``config.json``, ``model.safetensors`` and this model's sslhub card in one commit
+        (``sslhub.hub.push_checkpoint``; returns its ``CommitInfo``). Overrides transformers' ``push_to_hub``, which
+        would replace the sslhub card with a generic transformers one (``create_and_tag_model_card``)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model_card(self.model_card(model_id=repo_id), tmp)
+            self.save_pretrained(tmp)
+            return push_checkpoint(
+                tmp, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
+            )
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """``config.json`` + ``model.safetensors`` (transformers), and a ``README.md`` model card if there is none."""
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -65,9 +78,7 @@ class SSLModel(SSLPreTrainedModel):
     def __init__(self, config: SSLConfig):
         super().__init__(config)
         self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
-        self.pooling = (
-            config.pooling or get_method(config.method).default_pooling or default_pooling(self.backbone)
-        )
+        self.pooling = config.pooling or get_method(config.method).default_pooling or default_pooling(self.backbone)
         self.post_init()
 
     @property
@@ -116,14 +127,24 @@ class SSLForPreTraining(SSLPreTrainedModel):
 class SSLForImageClassification(SSLPreTrainedModel):
     """Encoder + linear classifier on the pooled features; cross-entropy loss when ``labels`` are given."""
 
+    # The loss is a per-batch mean: ``transformers.Trainer`` must divide it by the gradient accumulation steps itself
+    # rather than pass ``num_items_in_batch`` (which ``**kwargs`` in ``forward`` would otherwise announce).
+    accepts_loss_kwargs = False
+
     def __init__(self, config: SSLConfig):
         super().__init__(config)
         self.ssl = SSLModel(config)
         self.num_labels = config.num_labels
         self.classifier = nn.Linear(self.ssl.num_features, config.num_labels)
-        nn.init.trunc_normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The classifier: trunc-normal (std 0.01) weights, zero bias. Done here rather than in ``__init__`` so that
+        ``from_pretrained`` of an encoder (``SSLModel``) checkpoint, or with another ``num_labels``, initialises the
+        classifier it creates (transformers builds it empty; its ``init`` functions skip tensors that were loaded)."""
+        if module is self.classifier:
+            init.trunc_normal_(module.weight, std=0.01)
+            init.zeros_(module.bias)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
         features = self.ssl(pixel_values).pooler_output

@@ -4,6 +4,7 @@ import gzip
 import random
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sslhub.data import DatasetNotFoundError, ImageDataset, load_image_dataset, multi_view_collate, to_rgb
+from sslhub.data import (
+    DatasetNotFoundError,
+    ImageDataset,
+    dataset_fingerprint,
+    labelled_splits,
+    load_image_dataset,
+    multi_view_collate,
+    to_rgb,
+)
 from sslhub.transforms import two_view_moco_v2
 
 
@@ -203,3 +212,110 @@ def test_multi_view_collate_stacks_each_view_position():
     assert [v.shape for v in views] == [(2, 3, 4, 4), (2, 3, 2, 2)]
     assert views[0][1].eq(1).all() and views[1][1].eq(0).all() and views[0][0].eq(0).all()
     assert labels.dtype == torch.long and labels.tolist() == [1, 5]
+
+
+def class_folder(root, counts: dict[str, int], size: int = 8):
+    """``root/<class>/<i>.png`` for each class, ``counts[class]`` small images of distinct colours."""
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (size, size), (i, len(label), 0)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_labelled_splits_of_a_folder_are_seeded_stratified_and_disjoint(tmp_path):
+    root = class_folder(tmp_path / "pets", {"cat": 10, "dog": 20, "emu": 30})
+    train, held_out = labelled_splits(str(root), val_fraction=0.2, seed=0)
+    assert train.classes == held_out.classes == ["cat", "dog", "emu"]
+    assert np.bincount(held_out.labels).tolist() == [2, 4, 6] and np.bincount(train.labels).tolist() == [8, 16, 24]
+    assert set(map(str, train.images)).isdisjoint(map(str, held_out.images))
+    assert sorted(map(str, [*train.images, *held_out.images])) == sorted(str(p) for p in root.rglob("*.png"))
+    assert [Path(path).parent.name for path in held_out.images] == [held_out.classes[i] for i in held_out.labels]
+    assert train.transform is None and held_out.transform is None
+    again, _ = labelled_splits(str(root), val_fraction=0.2, seed=0)
+    other, _ = labelled_splits(str(root), val_fraction=0.2, seed=1)
+    assert list(again.images) == list(train.images) and list(other.images) != list(train.images)
+    image, label = held_out[0]
+    assert image.mode == "RGB" and label == held_out.labels[0]
+
+
+def test_labelled_splits_use_train_and_val_folders_with_the_training_classes(tmp_path):
+    class_folder(tmp_path / "train", {"cat": 3, "dog": 3, "emu": 3})
+    class_folder(tmp_path / "val", {"dog": 2, "emu": 1})  # no cat: labels still index the training classes
+    train, held_out = labelled_splits(str(tmp_path))
+    assert (len(train), len(held_out)) == (9, 3)
+    assert held_out.classes == ["cat", "dog", "emu"] and held_out.labels == [1, 1, 2]
+    assert all(Path(path).parts[-3] == "val" for path in held_out.images)
+    class_folder(tmp_path / "val", {"owl": 1})
+    with pytest.raises(ValueError, match=r"held-out split\) has class\(es\) \['owl'\] that the training data lacks"):
+        labelled_splits(str(tmp_path))
+
+
+def test_labelled_splits_of_hf_datasets(tmp_path, pictures):
+    from datasets import Dataset, DatasetDict
+
+    strings = Dataset.from_dict({"image": pictures * 2, "kind": ["b", "a", "c", "a", "b", "c", "a", "b"]})
+    DatasetDict(train=strings, test=strings.select([0, 1])).save_to_disk(tmp_path / "dict")
+    train, held_out = labelled_splits(str(tmp_path / "dict"), label_column="kind")
+    assert train.classes == ["a", "b", "c"] and held_out.labels == [1, 0]  # "b", "a" in the training numbering
+    assert held_out.classes == train.classes and len(train) == 8
+    assert held_out[0][0].getpixel((0, 0)) == (0, 0, 0)
+    integers = Dataset.from_dict({"image": pictures * 3, "label": [0, 1] * 6})
+    integers.save_to_disk(tmp_path / "single")
+    train, held_out = labelled_splits(str(tmp_path / "single"), val_fraction=0.5)
+    assert train.classes == ["0", "1"] and sorted(held_out.labels) == [0, 0, 0, 1, 1, 1]
+    assert train.fingerprint != held_out.fingerprint and None not in (train.fingerprint, held_out.fingerprint)
+    assert held_out[1][0].mode == "RGB"
+
+
+def test_labelled_splits_of_builtin_use_its_test_split():
+    train, held_out = labelled_splits("builtin")
+    assert (len(train), len(held_out)) == (1437, 360) and train.classes == held_out.classes
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        ("empty_class", r"class folder\(s\) \['dog'\] hold no readable images"),
+        ("unreadable_class", r"class folder\(s\) \['dog'\] hold no readable images"),
+        ("one_class", r"at least two classes; the training data has \['cat'\]"),
+        ("flat", "needs one subfolder per class"),
+        ("single_image_class", r"class\(es\) \['dog'\] have a single image"),
+    ],
+)
+def test_labelled_splits_bad_folders(tmp_path, build, message):
+    class_folder(tmp_path, {"cat": 4})
+    if build in ("empty_class", "unreadable_class"):
+        (tmp_path / "dog").mkdir()
+    if build == "unreadable_class":
+        (tmp_path / "dog" / "0.png").write_bytes(b"not a png")
+    if build == "flat":
+        Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    if build == "single_image_class":
+        class_folder(tmp_path, {"dog": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped unreadable file
+        with pytest.raises(ValueError, match=message):
+            labelled_splits(str(tmp_path))
+
+
+def test_labelled_splits_hf_label_column_missing_names_the_columns(tmp_path, pictures):
+    from datasets import Dataset
+
+    Dataset.from_dict({"image": pictures, "caption": ["x"] * 4}).save_to_disk(tmp_path / "captions")
+    with pytest.raises(ValueError, match=r"no label column .*columns are \['image', 'caption'\]"):
+        labelled_splits(str(tmp_path / "captions"))
+    with pytest.raises(ValueError, match=r"no label column 'kind'; columns are \['image', 'caption'\]"):
+        labelled_splits(str(tmp_path / "captions"), label_column="kind")
+
+
+def test_dataset_fingerprint_follows_files_labels_and_pixels(tmp_path):
+    root = class_folder(tmp_path / "pets", {"cat": 2, "dog": 2})
+    first = dataset_fingerprint(load_image_dataset(str(root)))
+    assert dataset_fingerprint(load_image_dataset(str(root))) == first
+    (root / "cat" / "1.png").rename(root / "dog" / "9.png")  # same pixels, another class
+    assert dataset_fingerprint(load_image_dataset(str(root))) != first
+    arrays = ImageDataset(np.zeros((2, 4, 4, 3), dtype=np.uint8), [0, 1])
+    changed = ImageDataset(np.zeros((2, 4, 4, 3), dtype=np.uint8), [0, 1])
+    changed.images[1, 0, 0, 0] = 1
+    assert dataset_fingerprint(arrays) != dataset_fingerprint(changed)

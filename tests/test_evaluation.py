@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,17 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sslhub.evaluation import extract_features, knn_accuracy, knn_evaluate, weighted_knn_predict
+from sslhub.evaluation import (
+    LINEAR_RECIPES,
+    extract_features,
+    knn_accuracy,
+    knn_evaluate,
+    linear_classifier,
+    linear_epochs,
+    logistic_regression_logits,
+    train_linear_classifier,
+    weighted_knn_predict,
+)
 
 # Train set for the hand-derived examples: after L2 normalisation the samples are e1, e2, -e1, e1.
 TRAIN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 0.0]])
@@ -139,3 +150,58 @@ def test_knn_evaluate_end_to_end_on_separable_images():
 
     # A parameter-free model (nn.Flatten) runs on the CPU; k=20 exceeds the 10 training samples.
     assert knn_evaluate(nn.Flatten(), dataset(10), dataset(6), batch_size=4) == 1.0
+
+
+def separable_clusters(n: int, seed: int, scale: float = 1.0):
+    """Four Gaussian clusters around 10 x the first four unit vectors of R^16, times ``scale``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    return scale * (torch.eye(4, 16)[labels] * 10 + torch.randn(n, 16, generator=generator)), labels
+
+
+@pytest.mark.parametrize("recipe", ["moco_v2", "dino", "mae"])
+def test_linear_probe_recipes_fit_separable_features(recipe):
+    train, train_labels = separable_clusters(200, 0)
+    test, test_labels = separable_clusters(40, 1)
+    probe = LINEAR_RECIPES[recipe]
+    probe = dataclasses.replace(probe, epochs=linear_epochs(probe, len(train)))
+    classifier = train_linear_classifier(train, train_labels, 4, probe, progress=False)
+    assert not classifier.training
+    with torch.no_grad():
+        accuracy = (classifier(test).argmax(1) == test_labels).float().mean().item()
+    assert accuracy == 1.0
+
+
+def test_mae_head_is_batchnorm_without_affine_holding_the_training_statistics():
+    features, labels = separable_clusters(64, 0, scale=50.0)
+    recipe = dataclasses.replace(LINEAR_RECIPES["mae"], epochs=30)  # 30 one-batch epochs
+    norm, linear = train_linear_classifier(features, labels, 4, recipe, progress=False)
+    assert isinstance(norm, nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6
+    assert not list(norm.parameters()) and linear.in_features == 16
+    torch.testing.assert_close(norm.running_mean, features.mean(0))
+    torch.testing.assert_close(norm.running_var, features.var(0))  # unbiased, as BatchNorm keeps it
+    plain = linear_classifier(16, 4)
+    assert len(plain) == 1 and plain[0].bias.abs().sum() == 0 and 0.005 < plain[0].weight.std() < 0.015
+
+
+def test_linear_training_is_seeded_and_epochs_stretch_to_the_minimum_steps():
+    features, labels = separable_clusters(50, 0)
+    recipe = dataclasses.replace(LINEAR_RECIPES["moco_v2"], epochs=3)
+    first, again, other = (
+        train_linear_classifier(features, labels, 4, recipe, seed=seed, progress=False) for seed in (1, 1, 2)
+    )
+    assert torch.equal(first[0].weight, again[0].weight) and not torch.equal(first[0].weight, other[0].weight)
+    assert linear_epochs(LINEAR_RECIPES["moco_v2"], 50) == 1000  # one batch an epoch
+    assert linear_epochs(LINEAR_RECIPES["moco_v2"], 2560) == 100  # 10 steps x 100 epochs = 1000 already
+    assert linear_epochs(LINEAR_RECIPES["moco_v2"], 512) == 500
+
+
+def test_logistic_regression_gives_log_probabilities_and_minus_inf_for_unseen_classes():
+    train, train_labels = separable_clusters(40, 0)
+    test, test_labels = separable_clusters(12, 1)
+    keep = train_labels != 3  # class 3 never seen in training
+    logits = logistic_regression_logits(train[keep], train_labels[keep], test, num_classes=5)
+    assert logits.shape == (12, 5) and torch.isinf(logits[:, 3:]).all()
+    torch.testing.assert_close(logits[:, :3].exp().sum(1), torch.ones(12, dtype=torch.float64))
+    seen = test_labels != 3
+    assert (logits.argmax(1)[seen] == test_labels[seen]).all()

@@ -1,0 +1,502 @@
+"""Full fine-tuning of ``SSLForImageClassification`` on Accelerate (DESIGN.md §2): the MAE / BEiT recipe.
+
+Defaults follow MAE's ViT-B fine-tuning (facebookresearch/mae ``FINETUNE.md`` and ``main_finetune.py``, itself
+BEiT's and DeiT's recipe): AdamW (β 0.9 / 0.999, weight decay 0.05, none on 1-D tensors, position embedding and class
+token), base lr 5e-4 per 256 images, layer-wise lr decay 0.65 (ViT-L / H: 0.75), drop path 0.1 (ViT-L 0.2,
+ViT-H 0.3), 5 warm-up epochs then cosine to 1e-6 per step, 100 epochs, RandAugment ``rand-m9-mstd0.5-inc1``,
+random erasing 0.25, mixup 0.8 / cutmix 1.0 with label smoothing 0.1. The parts are timm's (``create_transform``,
+``Mixup``, ``SoftTargetCrossEntropy``, ``param_groups_layer_decay``); schedule, checkpoints and exact resume are those
+of ``sslhub.training``. The model saved at the end is the last one, not the best on the validation split: choosing
+it on the data it is reported on would overstate its accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sslhub.backbones import is_vision_transformer
+from sslhub.configuration import SSLConfig
+from sslhub.data import labelled_splits
+from sslhub.factory import create_model, from_pretrained, to_timm
+from sslhub.hub import _describe_data
+from sslhub.modeling import SSLForImageClassification
+from sslhub.reporting import add_results_to_model_card, classification_report, save_report
+from sslhub.training import learning_rate_at, resolve_resume, save_checkpoint
+from sslhub.transforms import eval_transform
+
+VIT_LAYER_DECAY = 0.65  # MAE FINETUNE.md, ViT-B (BEiT's ViT-B value too)
+BETAS = (0.9, 0.999)
+RESULT_NAME = "fine-tuned top-1"
+
+
+@dataclass
+class FinetuneArguments:
+    """Everything ``sslhub finetune`` takes; defaults are MAE's ViT-B fine-tuning recipe (module docstring)."""
+
+    model: str  # preset, preset.tag (the authors' weights), sslhub checkpoint directory or Hub id
+    data: str  # as sslhub.data.labelled_splits: 'builtin', 'fashion-mnist', a class-per-folder directory, HF data
+    output_dir: str = "sslhub-finetune"
+    epochs: int = 100
+    batch_size: int = 64  # per process (MAE main_finetune.py; its ViT-B run: 32 x 32 GPUs)
+    lr: float | None = None  # absolute; default base_lr x global batch / 256
+    base_lr: float = 5e-4
+    min_lr: float = 1e-6
+    layer_decay: float | None = None  # None: 0.65 for ViT backbones, none (1.0) for others
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    clip_grad: float | None = None
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    resume: str | None = None
+    num_workers: int = 0
+    val_fraction: float = 0.2
+    image_column: str | None = None
+    label_column: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_steps: int | None = None
+    log_every: int = 10
+    log_with: str | None = "tensorboard"
+    progress: bool = True
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: str
+    steps: int
+    losses: list[float]
+    history: list[tuple[int, float]]  # (optimizer step, validation top-1) at each epoch end and the last step
+    report: dict  # classification_report of the final model on the validation split
+    model: SSLForImageClassification | None = None
+
+    @property
+    def top1(self) -> float:
+        return self.report["top1"]
+
+
+@dataclass
+class FinetuneState:
+    """What a checkpoint adds to the Accelerate state: the optimizer step and the validation history."""
+
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"json": json.dumps(asdict(self))}
+
+    def load_state_dict(self, state: dict) -> None:
+        values = json.loads(state["json"])
+        self.step, self.history = values["step"], [tuple(item) for item in values["history"]]
+
+
+def load_classifier(name: str, classes: list[str], drop_path: float = 0.0) -> SSLForImageClassification:
+    """``SSLForImageClassification`` for ``classes`` from ``name``: an sslhub checkpoint directory or Hub id
+    (``SSLModel``, ``SSLForImageClassification``, or ``SSLForPreTraining`` whose released encoder is taken), a
+    ``preset.tag`` (the authors' weights) or a bare preset (random initialisation, with a warning). ``drop_path``
+    becomes the timm backbone's ``drop_path_rate``. A classifier of another size is initialised anew."""
+    overrides = {"id2label": dict(enumerate(classes)), "label2id": {label: i for i, label in enumerate(classes)}}
+    if drop_path > 0:
+        overrides["backbone_kwargs"] = {"drop_path_rate": drop_path}
+    if Path(name).is_dir() or "/" in name:
+        return _classifier_from_checkpoint(name, overrides)
+    if "." in name:
+        return create_model(name, task="classification", pretrained=True, **overrides)
+    model = create_model(name, task="classification", **overrides)
+    warnings.warn(
+        f"{name!r} is a preset without weights: fine-tuning starts from random initialisation. Give 'preset.tag' "
+        "(`sslhub list --pretrained`) or a checkpoint directory to start from pretrained weights.",
+        stacklevel=2,
+    )
+    return model
+
+
+def _classifier_from_checkpoint(name: str, overrides: dict) -> SSLForImageClassification:
+    try:
+        config = SSLConfig.from_pretrained(name)
+    except OSError as error:
+        raise ValueError(
+            f"--model {name!r} is neither an sslhub checkpoint directory nor a Hub repo id holding one: {error}"
+        ) from error
+    config = config.with_overrides(**overrides)
+    if (config.architectures or [None])[0] == "SSLForPreTraining":
+        model = SSLForImageClassification(config)
+        model.ssl.load_state_dict(from_pretrained(name, task="pretraining").released_model().state_dict())
+        return model
+    return from_pretrained(name, task="classification", config=config, ignore_mismatched_sizes=True)
+
+
+def param_groups(model: SSLForImageClassification, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups, each with its ``lr_scale``: no weight decay on 1-D tensors and the backbone's
+    ``no_weight_decay()`` (position embedding, class token); with ``layer_decay`` < 1, the scales of timm's
+    ``param_groups_layer_decay`` on a full timm model (BEiT / MAE ``lr_decay.py``), the classifier being its head: for
+    a ViT of L blocks, the stem (patch and position embeddings, class token) gets ``layer_decay ** (L + 1)``, block i
+    ``layer_decay ** (L - i)``, the classifier 1. timm's ``group_matcher`` puts the final norm with the last block
+    (MAE's puts it with the head)."""
+    backbone = to_timm(model)
+    skip = sorted(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else []
+    if layer_decay < 1:
+        groups = param_groups_layer_decay(backbone, weight_decay, skip, layer_decay=layer_decay)
+        for group in groups:
+            group["lr_scale"] *= layer_decay  # the classifier is one layer above the backbone's last
+    else:
+        groups = param_groups_weight_decay(backbone, weight_decay, no_weight_decay_list=skip)
+    return groups + param_groups_weight_decay(model.classifier, weight_decay)
+
+
+def mixup_and_criterion(args: FinetuneArguments, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's batch-wise ``Mixup`` (mixup, or cutmix with probability 0.5 when both are on) whose soft targets carry
+    the label smoothing, with ``SoftTargetCrossEntropy``; without mixing ``LabelSmoothingCrossEntropy`` (MAE / DeiT)."""
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            label_smoothing=args.label_smoothing,
+            num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if args.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(args.label_smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+class NumpySeeded:
+    """``transform`` with numpy's global RNG seeded from torch's and restored afterwards: timm's RandAugment picks its
+    operations with numpy, which ``ImageDataset`` does not seed, and views must depend on (seed, epoch, index) only."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image) -> torch.Tensor:
+        state = np.random.get_state()
+        np.random.seed(int(torch.randint(2**32, ())))
+        try:
+            return self.transform(image)
+        finally:
+            np.random.set_state(state)
+
+
+def train_transform(config: SSLConfig, args: FinetuneArguments) -> NumpySeeded:
+    """timm's training transform (MAE ``build_transform``): bicubic random resized crop, flip, RandAugment, random
+    erasing (per pixel); size, mean and std of the model's config."""
+    return NumpySeeded(
+        create_transform(
+            config.image_size,
+            is_training=True,
+            auto_augment=args.auto_augment,
+            color_jitter=None,  # MAE: no colour jitter, also without RandAugment
+            interpolation="bicubic",
+            re_prob=args.reprob,
+            re_mode="pixel",
+            re_count=1,
+            mean=config.image_mean,
+            std=config.image_std,
+        )
+    )
+
+
+def _save_files(model: SSLForImageClassification, target: Path) -> None:
+    """``save_pretrained`` (with the model card) into a temporary directory, then each file moved into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
+        model.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), target / name)
+
+
+def _settings(args: FinetuneArguments) -> dict:
+    return {k: v for k, v in asdict(args).items() if k not in ("resume", "progress", "log_with", "output_dir")}
+
+
+class Finetuner:
+    """One fine-tuning run: ``Finetuner(args).run()``. Accelerate, so one CPU, many GPUs and ``accelerate launch``
+    share the code; checkpoints every ``checkpoint_every`` steps, and ``resume`` continues exactly."""
+
+    def __init__(self, args: FinetuneArguments):
+        self.args = args
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=args.log_with,
+            project_dir=args.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        )
+        set_seed(args.seed)
+        train, val = labelled_splits(
+            args.data,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            image_column=args.image_column,
+            label_column=args.label_column,
+        )
+        self.classes, self.train_data = train.classes, train
+        model = load_classifier(args.model, self.classes, args.drop_path)
+        config = model.config
+        train.transform, train.seed = train_transform(config, args), args.seed
+        val.transform = eval_transform(config.image_size, config.image_mean, config.image_std)
+        self.mixup, self.criterion = mixup_and_criterion(args, len(self.classes))
+        global_batch = args.batch_size * self.accelerator.num_processes
+        self._check_batch(len(train), global_batch)
+        self.peak_lr = args.lr or args.base_lr * global_batch * args.gradient_accumulation_steps / 256
+        self.layer_decay = args.layer_decay
+        if self.layer_decay is None:
+            self.layer_decay = VIT_LAYER_DECAY if is_vision_transformer(to_timm(model)) else 1.0
+        optimizer = torch.optim.AdamW(
+            param_groups(model, args.weight_decay, self.layer_decay), lr=self.peak_lr, betas=BETAS
+        )
+        self.model, self.optimizer, self.loader, self.val_loader = self.accelerator.prepare(
+            model, optimizer, self._loader(train, shuffle=True), self._loader(val, shuffle=False)
+        )
+        self.steps_per_epoch = len(self.loader) // args.gradient_accumulation_steps
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.state = FinetuneState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.losses: list[float] = []
+        self.report: tuple[int, dict] | None = None  # (step, report) of the latest evaluation
+
+    def _check_batch(self, size: int, global_batch: int) -> None:
+        if size < global_batch:
+            raise ValueError(
+                f"{self.args.data!r} has {size} training images, fewer than one batch of {global_batch} "
+                f"({self.args.batch_size} per process x {self.accelerator.num_processes}): lower --batch-size"
+            )
+        if self.mixup is not None and self.args.batch_size % 2:
+            raise ValueError(
+                f"mixup / cutmix mix pairs of images: --batch-size must be even, not {self.args.batch_size}"
+            )
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.args.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.args.seed),  # a new iterator must not draw from the global RNG
+        )
+
+    def set_learning_rate(self, step: int) -> None:
+        """Warm-up + cosine per step (``learning_rate_at``), times each group's layer-decay ``lr_scale``."""
+        lr = learning_rate_at(step, self.total_steps, self.warmup_steps, self.peak_lr, self.args.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def evaluate(self) -> dict:
+        """``classification_report`` of the current model on the validation split (gathered from all processes)."""
+        logits, labels = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for images, targets in self.val_loader:
+                batch = self.accelerator.gather_for_metrics((self.model(images).logits, targets))
+                logits.append(batch[0].float().cpu())
+                labels.append(batch[1].cpu())
+        self.model.train()
+        self.report = (self.state.step, classification_report(torch.cat(logits), torch.cat(labels), self.classes))
+        return self.report[1]
+
+    def record_evaluation(self, bar: tqdm) -> None:
+        top1 = self.evaluate()["top1"]
+        self.state.history.append((self.state.step, top1))
+        bar.write(
+            f"step {self.state.step} (epoch {self.state.step / self.steps_per_epoch:.2f}): validation top-1 {top1:.4f}"
+        )
+        self.log({"val/top1": top1})
+
+    def log(self, values: dict) -> None:
+        if self.args.log_with:
+            self.accelerator.log(values, step=self.state.step)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: schedule, mixup / cutmix, loss, backward, and the optimizer step when gradients sync."""
+        self.set_learning_rate(self.state.step)
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        loss = self.criterion(self.model(images).logits, targets)
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self.args.clip_grad:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def train_epoch(self, bar: tqdm) -> None:
+        """Optimizer steps until the end of the current epoch (or ``last_step``), skipping batches already seen."""
+        accelerator, state = self.accelerator, self.state
+        epoch = state.step // self.steps_per_epoch
+        self.train_data.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        seen = (state.step - epoch * self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        micro_losses = []
+        for images, labels in accelerator.skip_first_batches(self.loader, seen) if seen else self.loader:
+            with accelerator.accumulate(self.model):
+                micro_losses.append(self.train_step(images, labels))
+            if not accelerator.sync_gradients:
+                continue
+            self.losses.append(torch.stack(micro_losses).mean().item())
+            micro_losses = []
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", epoch=epoch)
+            if state.step % self.args.log_every == 0:
+                self.log({"train/loss": self.losses[-1], "train/lr": self.optimizer.param_groups[-1]["lr"]})
+            end_of_epoch = state.step % self.steps_per_epoch == 0
+            if end_of_epoch or state.step == self.last_step:
+                self.record_evaluation(bar)
+            if state.step % self.args.checkpoint_every == 0 or state.step == self.last_step:
+                save_checkpoint(accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints)
+            if end_of_epoch or state.step >= self.last_step:
+                return
+
+    def save(self, report: dict) -> None:
+        """The classifier (with its model card) in ``output_dir``, ``metrics.json`` + ``confusion_matrix.png`` of
+        ``report``, and the validation top-1 in the card's ``model-index``."""
+        args, output = self.args, Path(self.args.output_dir)
+        _save_files(self.accelerator.unwrap_model(self.model), output)
+        data_name, dataset_id = _describe_data(args.data)
+        details = {
+            "class_names": self.classes,
+            "model": args.model,
+            "data": args.data,
+            "split": "validation",
+            "steps": self.state.step,
+            "history": self.state.history,
+            "settings": {**_settings(args), "lr": self.peak_lr, "layer_decay": self.layer_decay},
+        }
+        save_report({**report, **details}, output, title=f"{Path(args.model).name}\nfine-tuned on {data_name}")
+        add_results_to_model_card(output, {RESULT_NAME: report["top1"]}, data_name, dataset_id)
+
+    def run(self) -> FinetuneResult:
+        args, accelerator, state = self.args, self.accelerator, self.state
+        checkpoint = resolve_resume(args.resume, args.output_dir) if args.resume else None
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+        if args.log_with:
+            settings = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in _settings(args).items()}
+            accelerator.init_trackers("sslhub-finetune", config=settings)
+        show = args.progress and accelerator.is_main_process
+        with tqdm(total=self.last_step, initial=state.step, disable=not show, desc="finetune") as bar:
+            self.model.train()
+            while state.step < self.last_step:
+                self.train_epoch(bar)
+        report = self.report[1] if self.report and self.report[0] == state.step else self.evaluate()
+        if accelerator.is_main_process:
+            self.save(report)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        model = accelerator.unwrap_model(self.model)
+        return FinetuneResult(args.output_dir, state.step, self.losses, list(state.history), report, model)
+
+
+def finetune(args: FinetuneArguments) -> FinetuneResult:
+    """Fine-tune ``args.model`` on ``args.data`` and save it with its validation report; see ``FinetuneArguments``."""
+    return Finetuner(args).run()
+
+
+# flag -> (type, help); defaults come from FinetuneArguments, --model and --data are required
+FLAGS = {
+    "model": (str, "preset (random init), preset.tag (the authors' weights), sslhub checkpoint directory or Hub id"),
+    "data": (str, "labelled data: 'builtin', 'fashion-mnist', a folder with one subfolder per class, or HF data"),
+    "output_dir": (str, "where the fine-tuned model, metrics.json, confusion_matrix.png and checkpoints go"),
+    "epochs": (int, "number of epochs (MAE ViT-B: 100)"),
+    "batch_size": (int, "images per process and micro-batch"),
+    "lr": (float, "absolute peak learning rate (default: --base-lr x global batch / 256)"),
+    "base_lr": (float, "learning rate per 256 images (MAE ViT-B: 5e-4)"),
+    "min_lr": (float, "final learning rate of the cosine schedule"),
+    "layer_decay": (float, "layer-wise lr decay (default: 0.65 for ViTs as MAE / BEiT ViT-B, 1 = off for others)"),
+    "drop_path": (float, "stochastic depth rate of the backbone (timm drop_path_rate)"),
+    "mixup": (float, "mixup alpha (0: off)"),
+    "cutmix": (float, "cutmix alpha (0: off)"),
+    "label_smoothing": (float, "label smoothing"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "warmup_epochs": (float, "linear warm-up epochs"),
+    "auto_augment": (str, "timm auto-augment policy ('none': off)"),
+    "reprob": (float, "random erasing probability"),
+    "clip_grad": (float, "clip the gradient norm to this value (default: no clipping)"),
+    "mixed_precision": (str, "'no', 'fp16' or 'bf16'"),
+    "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
+    "seed": (int, "random seed: split, data order and augmentations are functions of it"),
+    "num_workers": (int, "data-loading worker processes"),
+    "val_fraction": (float, "share of the images held out for validation when the data has no validation split"),
+    "image_column": (str, "image column of an HF dataset"),
+    "label_column": (str, "label column of an HF dataset"),
+    "checkpoint_every": (int, "save a resumable checkpoint every N optimizer steps"),
+    "keep_checkpoints": (int, "how many checkpoints to keep"),
+    "max_steps": (int, "stop after this many optimizer steps (schedules still span --epochs)"),
+    "log_every": (int, "log the loss every N steps"),
+}
+REQUIRED = ("model", "data")
+
+
+def add_finetune_parser(subparsers) -> None:
+    parser = subparsers.add_parser("finetune", help="fine-tune a model on labelled images (MAE / BEiT recipe)")
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneArguments)}
+    for name, (kind, text) in FLAGS.items():
+        required = name in REQUIRED
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            required=required,
+            default=None if required else defaults[name],
+            help=text,
+        )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
+    )
+    parser.add_argument("--log-with", default="tensorboard", help="Accelerate tracker, or 'none'")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_finetune(ns: argparse.Namespace) -> int:
+    values = {name: getattr(ns, name) for name in FLAGS}
+    if values["auto_augment"] == "none":
+        values["auto_augment"] = None
+    args = FinetuneArguments(
+        **values,
+        resume=ns.resume,
+        log_with=None if ns.log_with == "none" else ns.log_with,
+        progress=not ns.no_progress,
+    )
+    result = finetune(args)
+    report = result.report
+    print(
+        f"Fine-tuned {args.model} on {args.data} for {result.steps} steps: validation top-1 {report['top1']:.4f}, "
+        f"top-5 {report['top5']:.4f} ({report['num_samples']} images)"
+    )
+    for name, accuracy in report["per_class_accuracy"].items():
+        print(f"  {name}: {accuracy:.4f}")
+    print(f"Saved the classifier, metrics.json and confusion_matrix.png to {result.output_dir}")
+    return 0

@@ -1,0 +1,277 @@
+"""Fine-tuning: layer-wise lr decay, mixup / label smoothing, learning, exact resume, model loading, the CLI and
+``transformers.Trainer``."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from timm.layers import DropPath
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from transformers import Trainer, TrainingArguments
+
+import sslhub
+from sslhub.cli import main as cli_main
+from sslhub.finetune import (
+    FinetuneArguments,
+    Finetuner,
+    finetune,
+    load_classifier,
+    mixup_and_criterion,
+    param_groups,
+)
+from sslhub.training import checkpoint_dirs, learning_rate_at
+
+VIT = "dino_vit_tiny_patch4_32px"
+CNN = "moco_v2_resnet18_32px"
+SHALLOW = {"backbone_kwargs": {"depth": 2}}
+pytestmark = pytest.mark.filterwarnings("ignore:.*preset without weights:UserWarning")  # bare presets on purpose
+
+
+def tiny_args(data, output_dir, **overrides) -> FinetuneArguments:
+    values = dict(model=CNN, data=str(data), output_dir=str(output_dir), epochs=2, batch_size=8, lr=1e-3, log_with=None)
+    values.update(progress=False, **overrides)
+    return FinetuneArguments(**values)
+
+
+@pytest.fixture(scope="module")
+def shallow_vit(tmp_path_factory):
+    """A 2-block ViT-Tiny encoder checkpoint (``SSLModel``)."""
+    path = tmp_path_factory.mktemp("vit")
+    sslhub.create_model(VIT, **SHALLOW).save_pretrained(path)
+    return path
+
+
+def _groups_by_name(model, groups) -> dict[str, dict]:
+    index = {id(param): group for group in groups for param in group["params"]}
+    return {name: index[id(param)] for name, param in model.named_parameters()}
+
+
+def test_layer_decay_scales_follow_beit_and_mae():
+    """BEiT / MAE ``lr_decay.py`` with L = 2 blocks: stem 0.65^3, block i 0.65^(2 - i), classifier 1; the final norm
+    with the last block, as timm's ``group_matcher`` has it."""
+    model = sslhub.create_model(VIT, task="classification", num_labels=2, **SHALLOW)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.65)
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    by_name = _groups_by_name(model, groups)
+    expected = {  # name: (lr scale, weight decay)
+        "ssl.backbone.patch_embed.proj.weight": (0.65**3, 0.05),
+        "ssl.backbone.cls_token": (0.65**3, 0.0),
+        "ssl.backbone.pos_embed": (0.65**3, 0.0),
+        "ssl.backbone.blocks.0.attn.qkv.weight": (0.65**2, 0.05),
+        "ssl.backbone.blocks.1.mlp.fc2.weight": (0.65, 0.05),
+        "ssl.backbone.blocks.1.norm1.bias": (0.65, 0.0),
+        "ssl.backbone.norm.weight": (0.65, 0.0),
+        "classifier.weight": (1.0, 0.05),
+        "classifier.bias": (1.0, 0.0),
+    }
+    for name, (scale, decay) in expected.items():
+        assert by_name[name].get("lr_scale", 1.0) == pytest.approx(scale), name
+        assert by_name[name]["weight_decay"] == decay, name
+    cnn = sslhub.create_model(CNN, task="classification", num_labels=2)
+    flat = _groups_by_name(cnn, param_groups(cnn, weight_decay=0.05, layer_decay=1.0))
+    assert {group.get("lr_scale", 1.0) for group in flat.values()} == {1.0}
+    assert (
+        flat["ssl.backbone.conv1.weight"]["weight_decay"] == 0.05
+        and flat["ssl.backbone.bn1.weight"]["weight_decay"] == 0
+    )
+
+
+def test_vit_finetuner_applies_recipe_defaults(image_folder, shallow_vit, tmp_path):
+    """Default layer decay 0.65 for a ViT, drop path in the backbone, lr = schedule x scale, base lr per 256."""
+    trainer = Finetuner(tiny_args(image_folder, tmp_path, model=str(shallow_vit), lr=None))
+    assert trainer.layer_decay == 0.65 and trainer.peak_lr == pytest.approx(5e-4 * 8 / 256)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    blocks = model.ssl.backbone.blocks
+    assert isinstance(blocks[-1].drop_path1, DropPath) and blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.config.id2label == {0: "squares", 1: "stripes"}
+    step = trainer.warmup_steps + 1
+    trainer.set_learning_rate(step)
+    lr = learning_rate_at(step, trainer.total_steps, trainer.warmup_steps, trainer.peak_lr, 1e-6)
+    by_name = _groups_by_name(model, trainer.optimizer.param_groups)
+    assert by_name["ssl.backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(lr * 0.65**3)
+    assert by_name["classifier.weight"]["lr"] == pytest.approx(lr)
+
+
+def test_mixup_targets_and_label_smoothing():
+    args = FinetuneArguments(model=CNN, data="builtin")
+    mixup, criterion = mixup_and_criterion(args, num_classes=4)
+    assert isinstance(criterion, SoftTargetCrossEntropy)
+    np.random.seed(0)
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    mixed, targets = mixup(images.clone(), labels)
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(dim=1), torch.ones(8))
+    assert targets.min() >= 0.1 / 4 - 1e-6 and not torch.equal(mixed, images)
+    _, same = mixup(images.clone(), torch.full((8,), 2))  # mixing a class with itself: the smoothed one-hot
+    assert torch.allclose(same, torch.tensor([0.025, 0.025, 0.925, 0.025]).expand(8, 4))
+    mixup, criterion = mixup_and_criterion(FinetuneArguments(model=CNN, data="builtin", mixup=0, cutmix=0), 4)
+    assert mixup is None and isinstance(criterion, LabelSmoothingCrossEntropy)
+    logits = torch.randn(5, 4)
+    log_probs = logits.log_softmax(dim=1)
+    manual = -(0.9 * log_probs[range(5), labels[:5]] + 0.1 * log_probs.mean(dim=1)).mean()
+    assert criterion(logits, labels[:5]) == pytest.approx(manual.item())
+
+
+def test_train_views_depend_only_on_seed_epoch_and_index(image_folder, tmp_path):
+    """RandAugment draws from numpy: the view of an item must not depend on numpy's global state."""
+    trainer = Finetuner(tiny_args(image_folder, tmp_path))
+    data = trainer.train_data
+    np.random.seed(1)
+    first = data[3][0]
+    np.random.seed(2)
+    assert torch.equal(first, data[3][0])
+    data.set_epoch(1)
+    assert not torch.equal(first, data[3][0])
+
+
+def test_finetuning_lowers_loss_and_beats_chance(image_folder, tmp_path):
+    plain = dict(mixup=0, cutmix=0, auto_augment=None, reprob=0)  # label smoothing, drop path, AdamW, schedule stay
+    result = finetune(tiny_args(image_folder, tmp_path, epochs=3, warmup_epochs=1, **plain))
+    per_epoch = np.array(result.losses).reshape(3, -1).mean(axis=1)  # measured: 0.67, 0.57, 0.42
+    assert per_epoch[-1] < per_epoch[0] - 0.1
+    assert [step for step, _ in result.history] == [4, 8, 12] and result.report["num_samples"] == 10
+    assert result.top1 >= 0.8 and result.top1 > result.history[0][1]  # 2 classes: chance is 0.5
+
+
+def test_resume_continues_exactly(image_folder, shallow_vit, tmp_path):
+    """Drop path (torch RNG), mixup / cutmix (numpy) and RandAugment on: a run cut mid-epoch and resumed gives the
+    losses and weights of the uninterrupted one."""
+    common = dict(model=str(shallow_vit), checkpoint_every=2)
+    full = finetune(tiny_args(image_folder, tmp_path / "full", **common))
+    first = finetune(tiny_args(image_folder, tmp_path / "cut", max_steps=5, **common))
+    assert [int(p.name.split("_")[1]) for p in checkpoint_dirs(tmp_path / "cut")] == [4, 5]
+    resumed = finetune(tiny_args(image_folder, tmp_path / "cut", resume="latest", **common))
+    assert len(full.losses) == 8 and first.losses == full.losses[:5] and resumed.losses == full.losses[5:]
+    assert resumed.report == full.report
+    final_full, final_resumed = full.model.state_dict(), resumed.model.state_dict()
+    for key in final_full:
+        assert torch.equal(final_full[key], final_resumed[key]), key
+
+
+def test_load_classifier_from_each_kind_of_checkpoint(tmp_path, monkeypatch):
+    classes = ["a", "b", "c"]
+    encoder = sslhub.create_model(CNN)
+    encoder.save_pretrained(tmp_path / "encoder")
+    model = load_classifier(str(tmp_path / "encoder"), classes)
+    assert model.config.label2id == {"a": 0, "b": 1, "c": 2} and model.classifier.out_features == 3
+    assert torch.equal(model.ssl.backbone.conv1.weight, encoder.backbone.conv1.weight)
+    assert 0.005 < model.classifier.weight.std() < 0.02 and not model.classifier.bias.any()  # initialised, not empty
+    pretraining = sslhub.create_model(CNN, task="pretraining", queue_size=64)
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    model = load_classifier(str(tmp_path / "pretraining"), classes)
+    released = pretraining.released_model().backbone.state_dict()
+    assert all(torch.equal(value, released[key]) for key, value in model.ssl.backbone.state_dict().items())
+    model.save_pretrained(tmp_path / "classifier")
+    again = load_classifier(str(tmp_path / "classifier"), ["x", "y"])  # another label set: a new classifier
+    assert again.classifier.out_features == 2 and torch.isfinite(again.classifier.weight).all()
+    calls = []
+
+    def fake_release(name, task, path, **overrides):
+        calls.append((name, task, overrides))
+        return sslhub.create_model(name.partition(".")[0], task=task, **overrides)
+
+    monkeypatch.setattr("sslhub.conversion.pretrained.load_pretrained", fake_release)
+    model = load_classifier(f"{CNN}.in1k", classes, drop_path=0.1)
+    assert calls[0][:2] == (f"{CNN}.in1k", "classification") and calls[0][2]["backbone_kwargs"]["drop_path_rate"] == 0.1
+    with pytest.warns(UserWarning, match="random initialisation"):
+        load_classifier(CNN, classes)
+
+
+def test_clear_errors(image_folder, tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for path in sorted((image_folder / "squares").iterdir())[:4]:
+        (unlabelled / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        Finetuner(tiny_args(unlabelled, tmp_path / "out"))
+    with pytest.raises(ValueError, match="neither an sslhub checkpoint directory nor a Hub repo id"):
+        load_classifier(str(tmp_path / "missing" / "checkpoint"), ["a", "b"])
+    with pytest.raises(ValueError, match="--batch-size must be even"):
+        Finetuner(tiny_args(image_folder, tmp_path / "out", batch_size=7))
+    assert cli_main(["finetune", "--model", "nope", "--data", str(image_folder), "--output-dir", str(tmp_path)]) == 2
+    assert "Unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_cli_finetunes_a_checkpoint_and_writes_report_and_card(image_folder, shallow_vit, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", str(shallow_vit), "--data", str(image_folder), "--output-dir", str(out)]
+    argv += ["--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--log-with", "none", "--no-progress"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"validation top-1 {metrics['top1']:.4f}" in printed and "squares:" in printed
+    assert metrics["class_names"] == ["squares", "stripes"] and metrics["num_samples"] == 10
+    assert metrics["settings"]["layer_decay"] == 0.65 and len(metrics["history"]) == 1
+    assert (out / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    card = (out / "README.md").read_text()
+    assert "fine-tuned top-1" in card and f"{100 * metrics['top1']:.2f}%" in card
+    model = sslhub.from_pretrained(out)
+    assert type(model) is sslhub.SSLForImageClassification and model.config.id2label[1] == "stripes"
+
+
+class _TwoBlobs(torch.utils.data.Dataset):
+    """16 separable images as ``transformers.Trainer`` expects items: dicts of ``pixel_values`` and ``labels``."""
+
+    def __init__(self):
+        self.labels = torch.arange(16) % 2
+        self.images = (
+            torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + self.labels[:, None, None, None]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+def _trainer(output_dir, model, **overrides) -> Trainer:
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        per_device_train_batch_size=8,
+    )
+    values.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**values), train_dataset=_TwoBlobs())
+
+
+def test_transformers_trainer_trains_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = sslhub.create_model(CNN, task="classification", num_labels=2)
+    trainer = _trainer(tmp_path, model, max_steps=12, learning_rate=1e-3, lr_scheduler_type="constant")
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
+    trainer.save_model(tmp_path / "saved")
+    loaded = sslhub.from_pretrained(tmp_path / "saved").eval()
+    assert type(loaded) is sslhub.SSLForImageClassification
+    images = _TwoBlobs().images[:4]
+    torch.testing.assert_close(loaded(images).logits, model.eval()(images).logits)
+
+
+def test_transformers_trainer_gradient_accumulation_matches_a_full_batch(tmp_path):
+    """Two accumulated micro-batches of 4 = one batch of 8 (the model's loss is a mean; Trainer must average)."""
+    weights, logged = [], []
+    for batch, steps in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = sslhub.create_model(VIT, task="classification", num_labels=2, backbone_kwargs={"depth": 1})
+        trainer = _trainer(
+            tmp_path,
+            model,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=steps,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            max_grad_norm=0.0,
+        )
+        trainer.train()
+        weights.append(model.classifier.weight.detach().clone())
+        logged.append(trainer.state.log_history[0]["loss"])
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5)
+    torch.testing.assert_close(weights[0], weights[1])
