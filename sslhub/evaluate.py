@@ -39,10 +39,11 @@ from sslhub.evaluation import (
     weighted_knn_predict,
 )
 from sslhub.factory import create_model, from_pretrained
-from sslhub.hub import _describe_data
+from sslhub.files import write_atomically
+from sslhub.hub import describe_data
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining
 from sslhub.registry import list_models
-from sslhub.reporting import add_results_to_model_card, classification_report, save_report, write_atomically
+from sslhub.reporting import add_results_to_model_card, classification_report, save_report
 from sslhub.transforms import eval_transform
 
 CACHE_FORMAT = 1  # bump when the cached features of the same inputs would differ
@@ -212,10 +213,10 @@ def _finish(run: _Run, result: dict, card_metrics: dict[str, float], output_dir,
     if output_dir is None:
         return result
     model = Path(run.model_name).name if run.checkpoint_dir is not None else run.model_name
-    title = f"{result['protocol']}: {model} on {_describe_data(result['data'])[0]}"
+    title = f"{result['protocol']}: {model} on {describe_data(result['data'])[0]}"
     files = save_report(result, output_dir, title)
     if update_card and run.checkpoint_dir is not None and run.data_name is not None:
-        name, dataset_id = _describe_data(run.data_name)
+        name, dataset_id = describe_data(run.data_name)
         files["model_card"] = add_results_to_model_card(run.checkpoint_dir, card_metrics, name, dataset_id)
     result["files"] = {kind: str(path) for kind, path in files.items()}
     return result

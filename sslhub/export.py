@@ -7,8 +7,6 @@ with sslhub's own output on probe images, and only then renamed into place: a fa
 from __future__ import annotations
 
 import copy
-import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, ViTMAEForPreTraining, ViTMAEModel, ViTModel
 
 from sslhub.conversion.hf_transformers import mae_to_transformers, vit_config, vit_mae_config, vit_to_transformers
+from sslhub.files import atomic_directory
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel
 
 TOLERANCE = 1e-4  # max relative error between sslhub's output and the reloaded export
@@ -66,7 +65,7 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
     data_config = {"input_size": tuple(pixels.shape[1:]), "mean": config.image_mean, "std": config.image_std}
     with _inference(encoder):
         expected = encoder(pixels).pooler_output
-    with _atomic_directory(directory, overwrite) as staging:
+    with atomic_directory(directory, overwrite) as staging:
         save_for_hf(backbone, staging, safe_serialization=True, data_config=data_config)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True).eval()
         with torch.no_grad():
@@ -90,7 +89,7 @@ def export_transformers(model: nn.Module, directory: str | Path, *, overwrite: b
         export = _vit_encoder_export(_released_encoder(model))
     name = export.model_class.__name__
     export.config.architectures = [name]
-    with _atomic_directory(directory, overwrite) as staging:
+    with atomic_directory(directory, overwrite) as staging:
         export.config.save_pretrained(staging)
         save_file(export.state_dict, staging / "model.safetensors", metadata={"format": "pt"})
         loaded, info = export.model_class.from_pretrained(staging, output_loading_info=True, **export.load_kwargs)
@@ -194,26 +193,3 @@ def _inference(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for sub, training in modes.items():
             sub.training = training
-
-
-@contextmanager
-def _atomic_directory(directory: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh staging directory next to ``directory``; renamed to ``directory`` when the block succeeds (replacing
-    a non-empty one only with ``overwrite``), deleted when it fails."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    staging = directory.with_name(f".{directory.name}.tmp-{token}")
-    staging.mkdir()
-    try:
-        yield staging
-        if directory.exists() and any(directory.iterdir()):
-            previous = directory.rename(directory.with_name(f".{directory.name}.old-{token}"))
-            staging.rename(directory)
-            shutil.rmtree(previous)
-        else:
-            staging.replace(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

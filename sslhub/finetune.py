@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -36,10 +33,17 @@ from sslhub.backbones import is_vision_transformer
 from sslhub.configuration import SSLConfig
 from sslhub.data import labelled_splits
 from sslhub.factory import create_model, from_pretrained, to_timm
-from sslhub.hub import _describe_data
+from sslhub.files import move_into
+from sslhub.hub import describe_data, save_model_card
 from sslhub.modeling import SSLForImageClassification
 from sslhub.reporting import add_results_to_model_card, classification_report, save_report
-from sslhub.training import learning_rate_at, resolve_resume, save_checkpoint
+from sslhub.training import (
+    learning_rate_at,
+    remaining_batches_of_epoch,
+    resolve_resume,
+    save_checkpoint,
+    seeded_accelerator,
+)
 from sslhub.transforms import eval_transform
 
 VIT_LAYER_DECAY = 0.65  # MAE FINETUNE.md, ViT-B (BEiT's ViT-B value too)
@@ -219,13 +223,14 @@ def train_transform(config: SSLConfig, args: FinetuneArguments) -> NumpySeeded:
     )
 
 
-def _save_files(model: SSLForImageClassification, target: Path) -> None:
-    """``save_pretrained`` (with the model card) into a temporary directory, then each file moved into ``target``."""
+def _save_files(model: SSLForImageClassification, target: Path, recipe: dict) -> None:
+    """``save_pretrained`` with a model card stating the fine-tuning ``recipe`` into a temporary directory, then each
+    file moved into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
+        save_model_card(model.model_card(recipe), tmp)
         model.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), target / name)
+        move_into(tmp, target)
 
 
 def _settings(args: FinetuneArguments) -> dict:
@@ -238,15 +243,7 @@ class Finetuner:
 
     def __init__(self, args: FinetuneArguments):
         self.args = args
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with=args.log_with,
-            project_dir=args.output_dir,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        )
-        set_seed(args.seed)
+        self.accelerator = seeded_accelerator(args)
         train, val = labelled_splits(
             args.data,
             val_fraction=args.val_fraction,
@@ -351,12 +348,9 @@ class Finetuner:
     def train_epoch(self, bar: tqdm) -> None:
         """Optimizer steps until the end of the current epoch (or ``last_step``), skipping batches already seen."""
         accelerator, state = self.accelerator, self.state
-        epoch = state.step // self.steps_per_epoch
-        self.train_data.set_epoch(epoch)
-        self.loader.set_epoch(epoch)
-        seen = (state.step - epoch * self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        epoch, batches = remaining_batches_of_epoch(self, self.train_data)
         micro_losses = []
-        for images, labels in accelerator.skip_first_batches(self.loader, seen) if seen else self.loader:
+        for images, labels in batches:
             with accelerator.accumulate(self.model):
                 micro_losses.append(self.train_step(images, labels))
             if not accelerator.sync_gradients:
@@ -380,8 +374,10 @@ class Finetuner:
         """The classifier (with its model card) in ``output_dir``, ``metrics.json`` + ``confusion_matrix.png`` of
         ``report``, and the validation top-1 in the card's ``model-index``."""
         args, output = self.args, Path(self.args.output_dir)
-        _save_files(self.accelerator.unwrap_model(self.model), output)
-        data_name, dataset_id = _describe_data(args.data)
+        recipe = {"data": args.data, "steps": self.state.step, "peak lr": self.peak_lr, "layer_decay": self.layer_decay}
+        recipe |= {key: value for key, value in _settings(args).items() if key not in ("data", "lr", "layer_decay")}
+        _save_files(self.accelerator.unwrap_model(self.model), output, recipe)
+        data_name, dataset_id = describe_data(args.data)
         details = {
             "class_names": self.classes,
             "model": args.model,

@@ -17,7 +17,6 @@ import fnmatch
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -46,8 +45,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from sslhub.files import write_atomically
+
 TEMPLATE = "templates/modelcard.md"
-CARD_TASKS = ("features", "pretraining")
+CARD_TASKS = ("features", "pretraining", "classification")
 MODEL_TYPE = "sslhub"  # SSLConfig.model_type
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
@@ -73,10 +74,11 @@ class HubError(ValueError):
 _NAMED_DATA = {
     "builtin": ("scikit-learn digits (builtin)", None),
     "fashion-mnist": ("Fashion-MNIST", "zalando-datasets/fashion_mnist"),
+    "lvd-142m": ("LVD-142M (DINOv2's curated data, not public)", None),
 }
 
 
-def _describe_data(data: str) -> tuple[str, str | None]:
+def describe_data(data: str) -> tuple[str, str | None]:
     """(display name, Hub dataset id) of a training ``data`` value; a local path shows only its last component."""
     if data in _NAMED_DATA:
         return _NAMED_DATA[data]
@@ -90,7 +92,7 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
-def _accuracy(name: str, value: Any) -> float:
+def accuracy_fraction(name: str, value: Any) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"result {name!r} = {value} is not an accuracy in [0, 1] (give fractions, not percent)")
@@ -110,32 +112,39 @@ def render_model_card(
     license: str = "apache-2.0",
     source: str | None = None,
     pretrained_name: str | None = None,
+    eval_data: str | None = None,
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
-    ``task``: ``"features"`` (released encoder) or ``"pretraining"`` (full objective state).
+    ``task``: ``"features"`` (released encoder), ``"pretraining"`` (full objective state) or ``"classification"``
+    (a fine-tuned classifier: ``training`` is then the fine-tuning recipe).
     ``method_info``: ``paper`` (title), ``arxiv`` (id), ``citation`` (BibTeX), ``released_encoder`` (text).
     ``training``: flat dict of pretraining hyperparameters; ``training["data"]`` names the data (a local path is
     shown by its last component only). ``results``: metric name -> top-1 accuracy in [0, 1] (e.g.
     ``{"kNN top-1 (k=20)": 0.91}``; ``None`` values are skipped), written to the body and to ``model-index``.
     ``source``: where converted weights come from (the authors' release), shown under "Pretraining";
-    ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads.
+    ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads;
+    ``eval_data``: the data ``results`` were measured on when it is not the training data (DINOv2: LVD-142M /
+    ImageNet).
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
     hyperparameters = dict(training or {})
     data = hyperparameters.pop("data", None)
-    data_name, dataset_id = _describe_data(str(data)) if data is not None else (None, None)
+    data_name, dataset_id = describe_data(str(data)) if data is not None else (None, None)
     name = model_id or f"{method}_{backbone}"
-    results = {metric: _accuracy(metric, value) for metric, value in (results or {}).items() if value is not None}
-    if results and data_name is None:
-        raise ValueError('results need training["data"] to name the dataset they were measured on')
+    results = {
+        metric: accuracy_fraction(metric, value) for metric, value in (results or {}).items() if value is not None
+    }
+    eval_name, eval_id = describe_data(eval_data) if eval_data is not None else (data_name, dataset_id)
+    if results and eval_name is None:
+        raise ValueError('results need training["data"] (or eval_data) to name the dataset they were measured on')
     eval_results = [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
-            dataset_type=dataset_id or data_name,
-            dataset_name=data_name,
+            dataset_type=eval_id or eval_name,
+            dataset_name=eval_name,
             metric_type="accuracy",
             metric_name=metric,
             metric_value=value,
@@ -144,10 +153,10 @@ def render_model_card(
     ]
     card_data = ModelCardData(
         library_name="sslhub",
-        pipeline_tag="image-feature-extraction",
+        pipeline_tag="image-classification" if task == "classification" else "image-feature-extraction",
         tags=["self-supervised", method, backbone],
         license=license,
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=sorted({id_ for id_ in (dataset_id, eval_id) if id_}) or None,
         eval_results=eval_results or None,
         model_name=name if eval_results else None,
     )
@@ -166,6 +175,7 @@ def render_model_card(
         citation=(method_info.get("citation") or "").strip(),
         released_encoder=method_info.get("released_encoder"),
         data_name=data_name,
+        eval_data_name=eval_name,
         source=source,
         pretrained_name=pretrained_name,
         hyperparameters=[(_cell(key), _cell(value)) for key, value in hyperparameters.items()],
@@ -174,22 +184,8 @@ def render_model_card(
 
 
 def save_model_card(card: ModelCard, directory: str | os.PathLike) -> Path:
-    """Write ``card`` to ``directory/README.md`` atomically (temporary file in the same directory + os.replace)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "README.md"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".README.md.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0o600; a README is meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            file.write(str(card))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """Write ``card`` to ``directory/README.md`` atomically."""
+    return write_atomically(Path(directory) / "README.md", str(card))
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
@@ -296,7 +292,7 @@ def _log_files(log_dir: Path) -> dict[str, Path]:
     return {f"{LOGS_IN_REPO}/{path.relative_to(log_dir).as_posix()}": path for path in files}
 
 
-def _with_section(text: str, start: str, end: str, section: str) -> str:
+def with_section(text: str, start: str, end: str, section: str) -> str:
     """``text`` with the part between the markers ``start`` and ``end`` replaced by ``section``, or it appended."""
     before, found, rest = text.partition(start)
     after = rest.partition(end)[2] if found else ""
@@ -313,7 +309,7 @@ def _card_for_repo(card: str, repo_id: str, curves: bool, logs: bool) -> str:
         section += (
             f"\n\nTensorBoard logs of the run: [`{LOGS_IN_REPO}/`]({LOGS_IN_REPO}) (the Hub's *Training metrics* tab)."
         )
-    return _with_section(card, CURVES_START, CURVES_END, section)
+    return with_section(card, CURVES_START, CURVES_END, section)
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from sslhub.configuration import SSLConfig
 from sslhub.hub import push_checkpoint, render_model_card, save_model_card
 from sslhub.registry import get_method
 
+CARD_TASK = {"SSLForPreTraining": "pretraining", "SSLForImageClassification": "classification"}
+
 
 class SSLPreTrainedModel(PreTrainedModel):
     config_class = SSLConfig
@@ -41,7 +43,7 @@ class SSLPreTrainedModel(PreTrainedModel):
         return render_model_card(
             method=self.config.method,
             backbone=self.config.backbone,
-            task="pretraining" if isinstance(self, SSLForPreTraining) else "features",
+            task=CARD_TASK.get(type(self).__name__, "features"),
             num_parameters=self.num_parameters(),
             method_info=get_method(self.config.method).card_info(),
             training=training,

@@ -39,7 +39,9 @@ class PretrainedTag:
     reads the authors' file (``sslhub.conversion.layouts``); ``metrics``: the authors' published ImageNet top-1
     accuracies in percent, e.g. ``{"linear": 77.0, "knn": 74.5}``; ``epochs``: pretraining epochs (``None``
     where the authors' README does not state them); ``license``: SPDX id of the weights' licence; ``source``:
-    where the facts come from; ``overrides``: config fields that differ from the preset (input size, mean / std).
+    where the facts come from; ``dataset``: what ``metrics`` were measured on, also the pretraining data unless
+    ``pretraining_data`` says otherwise; ``overrides``: config fields that differ from the preset (input size,
+    mean / std).
     """
 
     preset: str
@@ -53,6 +55,7 @@ class PretrainedTag:
     hf_hub_id: str | None = None
     hf_filename: str = "model.safetensors"
     dataset: str = "imagenet-1k"
+    pretraining_data: str | None = None
     source: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from sklearn.metrics import confusion_matrix
 
-from sslhub.hub import _accuracy, _with_section, save_model_card
+from sslhub.files import write_atomically
+from sslhub.hub import accuracy_fraction, save_model_card, with_section
 
 RESULTS_START = "<!-- sslhub eval results: start -->"
 RESULTS_END = "<!-- sslhub eval results: end -->"
@@ -46,25 +46,6 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_name
         "confusion_matrix": matrix.tolist(),
         "num_samples": int(labels.numel()),
     }
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``: readers see the
-    old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0o600
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], title: str) -> bytes:
@@ -116,7 +97,7 @@ def _results_section(results: list[EvalResult]) -> str:
     rows = "\n".join(f"| {r.metric_name} | {r.dataset_name} | {100 * r.metric_value:.2f}% |" for r in results)
     return (
         "## Downstream evaluation\n\nThe accuracies in this card's metadata (`model-index`); "
-        "`sslhub eval knn | linear` adds and updates them.\n\n"
+        "`sslhub eval knn | linear` and `sslhub finetune` add and update them.\n\n"
         f"| Metric | Dataset | Accuracy |\n| --- | --- | --- |\n{rows}"
     )
 
@@ -139,7 +120,7 @@ def add_results_to_model_card(
             dataset_name=dataset_name,
             metric_type="accuracy",
             metric_name=metric,
-            metric_value=_accuracy(metric, value),
+            metric_value=accuracy_fraction(metric, value),
         )
         for metric, value in results.items()
     ]
@@ -147,5 +128,5 @@ def add_results_to_model_card(
     kept = [r for r in card.data.eval_results or [] if (r.metric_name, r.dataset_name) not in replaced]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or model_dir.resolve().name
-    card.text = _with_section(card.text, RESULTS_START, RESULTS_END, _results_section(card.data.eval_results))
+    card.text = with_section(card.text, RESULTS_START, RESULTS_END, _results_section(card.data.eval_results))
     return save_model_card(card, model_dir)

@@ -30,6 +30,7 @@ from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, load_image_dataset, multi_view_collate
 from sslhub.evaluation import knn_evaluate
 from sslhub.factory import create_model, from_pretrained
+from sslhub.files import move_into
 from sslhub.hub import save_model_card
 from sslhub.methods.base import SSLMethod, TrainingProgress
 from sslhub.modeling import SSLForPreTraining
@@ -244,13 +245,39 @@ def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: 
         with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
             save_model_card(net.model_card(training, results), tmp)
             net.save_pretrained(tmp)
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), target / name)
+            move_into(tmp, target)
 
 
 def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
     values = {**asdict(args), **model.config.method_kwargs, "method": model.config.method}
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+
+
+def remaining_batches_of_epoch(run, dataset) -> tuple[int, object]:
+    """``(epoch, batches)`` of the epoch holding ``run.state.step``: the dataset's views and the loader's order set
+    for that epoch, and the micro-batches already consumed before a resume skipped. ``run`` has ``state.step``,
+    ``steps_per_epoch``, ``loader``, ``accelerator`` and ``args.gradient_accumulation_steps``."""
+    epoch = run.state.step // run.steps_per_epoch
+    dataset.set_epoch(epoch)
+    run.loader.set_epoch(epoch)
+    seen = (run.state.step - epoch * run.steps_per_epoch) * run.args.gradient_accumulation_steps
+    return epoch, run.accelerator.skip_first_batches(run.loader, seen) if seen else run.loader
+
+
+def seeded_accelerator(args) -> Accelerator:
+    """The Accelerator of a run (``args``: ``mixed_precision``, ``gradient_accumulation_steps``, ``log_with``,
+    ``output_dir``, ``seed``) with a seedable sampler, so the data order is a function of the seed and the epoch
+    (exact resume); the global RNGs are seeded too. CPU when no GPU is visible."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.log_with,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+    return accelerator
 
 
 class Pretrainer:
@@ -259,15 +286,7 @@ class Pretrainer:
 
     def __init__(self, args: PretrainArguments):
         self.args = args
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with=args.log_with,
-            project_dir=args.output_dir,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        )
-        set_seed(args.seed)
+        self.accelerator = seeded_accelerator(args)
         model = build_model(args)
         self.hparams = model.method.hparams
         self.epochs = args.epochs if args.epochs is not None else self.hparams.epochs
@@ -349,12 +368,9 @@ class Pretrainer:
     def train_epoch(self, bar: tqdm) -> None:
         """Optimizer steps until the end of the current epoch (or ``last_step``), skipping batches already seen."""
         accelerator, state = self.accelerator, self.state
-        epoch = state.step // self.steps_per_epoch
-        self.dataset.set_epoch(epoch)
-        self.loader.set_epoch(epoch)
-        seen = (state.step - epoch * self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        epoch, batches = remaining_batches_of_epoch(self, self.dataset)
         micro_losses = []
-        for views, _labels in accelerator.skip_first_batches(self.loader, seen) if seen else self.loader:
+        for views, _labels in batches:
             progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
             with accelerator.accumulate(self.model):
                 self.set_schedules(progress)

@@ -32,13 +32,7 @@ TINY = "dinov2_vit_tiny_patch4_32px"
 SMALL_HEADS = {"out_dim": 64, "ibot_out_dim": 48, "hidden_dim": 32, "bottleneck_dim": 16, "ibot_bottleneck_dim": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads make these tiny models slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

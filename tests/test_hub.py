@@ -122,7 +122,7 @@ def test_no_results_no_model_index_and_local_paths_stay_private(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"task": "classification"}, "task must be"),
+        ({"task": "segmentation"}, "task must be"),
         ({"results": {"kNN top-1": 87.12}}, "not an accuracy"),
         ({"training": {"epochs": 1}}, "name the dataset"),
     ],
@@ -152,3 +152,19 @@ def test_failed_save_keeps_old_readme_and_removes_temp_file(tmp_path, monkeypatc
         save_model_card(dino_card(), tmp_path)
     assert os.listdir(tmp_path) == ["README.md"]
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == "old"
+
+
+def test_classifier_card_says_fine_tuned_and_shows_logits():
+    card = dino_card(task="classification", model_id="me/dino-pets", results={"fine-tuned top-1": 0.9})
+    assert card.data.pipeline_tag == "image-classification"
+    assert "logits = model(pixel_values).logits" in card.text and "pooler_output" not in card.text
+    assert "## Fine-tuning" in card.text and "## Pretraining" not in card.text
+    assert "AutoModelForImageClassification.from_pretrained" in card.text
+
+
+def test_results_can_name_another_dataset_than_the_training_data():
+    """DINOv2: pretrained on LVD-142M (not on the Hub), evaluated on ImageNet."""
+    card = dino_card(training={"data": "lvd-142m"}, eval_data="imagenet-1k", results={"linear top-1": 0.811})
+    assert "Data: LVD-142M" in card.text and "Top-1 accuracy on imagenet-1k." in card.text
+    assert card.data.datasets == ["imagenet-1k"]
+    assert card.data.eval_results[0].dataset_name == "imagenet-1k"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build
 from torch import nn
 from torchvision.transforms import v2
 
-import sslhub
 from sslhub.losses import dino_cross_entropy, info_nce_with_queue, masked_patch_mse
 from sslhub.masking import patchify, sincos_2d_position_embedding
 from sslhub.methods import TrainingProgress
@@ -25,18 +25,7 @@ BATCH = 4
 SHALLOW = {"depth": 2}  # 2 of ViT-Tiny's 12 blocks: same code paths, a sixth of the time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads make these tiny models 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(preset, **overrides):
-    torch.manual_seed(0)
-    return sslhub.create_model(preset, task="pretraining", **overrides)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build_moco(**overrides):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build
 from torch import nn
 from torchvision.transforms import v2
 
@@ -26,18 +27,7 @@ SMALL = {"mlp_hidden_dim": 32, "embed_dim": 16}
 BASE, MOMENTUM = ("base_encoder.", "base_projector."), ("momentum_encoder.", "momentum_projector.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a busy 2-core machine spinning OpenMP threads make these tiny models 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(preset, **overrides):
-    torch.manual_seed(0)
-    return sslhub.create_model(preset, task="pretraining", **overrides)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build_vit(**overrides):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import timm
@@ -18,6 +16,7 @@ from sslhub.configuration import SSLConfig
 from sslhub.conversion.layouts import LAYOUTS, Converted, _preview, detect_layout
 from sslhub.conversion.loading import CheckpointError, load_file_state, load_hf_directory
 from sslhub.factory import TASKS
+from sslhub.files import atomic_directory
 from sslhub.modeling import SSLForPreTraining, SSLPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -149,18 +148,9 @@ def convert_checkpoint(
 
 
 def save_atomically(model: SSLPreTrainedModel, output_dir: str | os.PathLike, card=None) -> Path:
-    """``save_pretrained`` into a temporary sibling directory, then rename it to ``output_dir`` (replacing it)."""
-    output = Path(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial_"))
-    try:
+    """``save_pretrained`` (and ``card``) into a staging directory renamed to ``output_dir`` (replacing it)."""
+    with atomic_directory(output_dir) as staging:
         if card is not None:
-            card.save(tmp / "README.md")
-        model.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+            card.save(staging / "README.md")
+        model.save_pretrained(staging)
+    return Path(output_dir)

@@ -104,7 +104,9 @@ METRIC_NAMES = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tunin
 
 def release_card_fields(tag: PretrainedTag) -> dict:
     """What a converted release's model card says: source, licence, epochs and the authors' metrics."""
-    training = {"data": tag.dataset} | ({"epochs": tag.epochs} if tag.epochs is not None else {})
+    training = {"data": tag.pretraining_data or tag.dataset} | (
+        {"epochs": tag.epochs} if tag.epochs is not None else {}
+    )
     results = {
         f"ImageNet {METRIC_NAMES.get(metric, metric)} top-1 (authors)": value / 100
         for metric, value in tag.metrics.items()
@@ -116,5 +118,6 @@ def release_card_fields(tag: PretrainedTag) -> dict:
         "license": tag.license,
         "model_id": tag.name,
         "pretrained_name": tag.name,
+        "eval_data": tag.dataset,
         "source": f"{tag.source or method.paper}: {tag.url}",
     }

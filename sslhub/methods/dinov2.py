@@ -408,6 +408,7 @@ for _size, _registers, _knn, _linear in (
             epochs=None,
             metrics={"knn": _knn, "linear": _linear},
             hf_hub_id=f"timm/vit_{_size}_patch14{_reg}_dinov2.lvd142m",
+            pretraining_data="lvd-142m",
             source="facebookresearch/dinov2 README, Pretrained models",
         )
     )
