@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment, posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
@@ -204,21 +206,37 @@ class NumpySeeded:
             np.random.set_state(state)
 
 
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's ``posterize``, except that keeping 0 bits (RandAugment's increasing posterize at magnitude 10) gives the
+    black image older Pillow returned: Pillow 13 raises for 0 bits."""
+    return Image.new(image.mode, image.size) if bits_to_keep <= 0 else posterize(image, bits_to_keep, **kwargs)
+
+
+def _with_safe_posterize(transform):
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()) if isinstance(step, RandAugment) else ():
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
 def train_transform(config: SSLConfig, args: FinetuneArguments) -> NumpySeeded:
     """timm's training transform (MAE ``build_transform``): bicubic random resized crop, flip, RandAugment, random
     erasing (per pixel); size, mean and std of the model's config."""
     return NumpySeeded(
-        create_transform(
-            config.image_size,
-            is_training=True,
-            auto_augment=args.auto_augment,
-            color_jitter=None,  # MAE: no colour jitter, also without RandAugment
-            interpolation="bicubic",
-            re_prob=args.reprob,
-            re_mode="pixel",
-            re_count=1,
-            mean=config.image_mean,
-            std=config.image_std,
+        _with_safe_posterize(
+            create_transform(
+                config.image_size,
+                is_training=True,
+                auto_augment=args.auto_augment,
+                color_jitter=None,  # MAE: no colour jitter, also without RandAugment
+                interpolation="bicubic",
+                re_prob=args.reprob,
+                re_mode="pixel",
+                re_count=1,
+                mean=config.image_mean,
+                std=config.image_std,
+            )
         )
     )
 

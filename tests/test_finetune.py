@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.layers import DropPath
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import Trainer, TrainingArguments
@@ -19,6 +20,7 @@ from sslhub.finetune import (
     load_classifier,
     mixup_and_criterion,
     param_groups,
+    train_transform,
 )
 from sslhub.training import checkpoint_dirs, learning_rate_at
 
@@ -122,6 +124,20 @@ def test_train_views_depend_only_on_seed_epoch_and_index(image_folder, tmp_path)
     assert torch.equal(first, data[3][0])
     data.set_epoch(1)
     assert not torch.equal(first, data[3][0])
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
+    """MAE's ``rand-m9-mstd0.5-inc1`` samples magnitudes up to 10, where the increasing posterize keeps 0 bits:
+    Pillow 13 raises for that, older Pillow returned a black image, which the recipe keeps."""
+    config = sslhub.create_model("moco_v2_resnet18_32px").config
+    transform = train_transform(config, FinetuneArguments(model="x", data="x", auto_augment="rand-m10-mstd0-inc1"))
+    randaugment = next(step for step in transform.transform.transforms if hasattr(step, "ops"))
+    posterize = next(op for op in randaugment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.asarray(posterize(image)).max() == 0
+    randaugment.num_layers, randaugment.ops = 1, [posterize]
+    assert transform(image).shape == (3, 32, 32)
 
 
 def test_finetuning_lowers_loss_and_beats_chance(image_folder, tmp_path):
