@@ -1,6 +1,8 @@
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["SSLHUB_CACHE"] = tempfile.mkdtemp(prefix="sslhub-test-cache-")  # never the user's ~/.cache/sslhub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
