@@ -42,9 +42,10 @@ from sslhub.reporting import add_results_to_model_card, classification_report, s
 from sslhub.training import (
     learning_rate_at,
     remaining_batches_of_epoch,
-    resolve_resume,
+    restore_checkpoint,
     save_checkpoint,
     seeded_accelerator,
+    tracker_config,
 )
 from sslhub.transforms import eval_transform
 
@@ -410,13 +411,9 @@ class Finetuner:
 
     def run(self) -> FinetuneResult:
         args, accelerator, state = self.args, self.accelerator, self.state
-        checkpoint = resolve_resume(args.resume, args.output_dir) if args.resume else None
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+        restore_checkpoint(accelerator, args.resume, args.output_dir, state)
         if args.log_with:
-            settings = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in _settings(args).items()}
-            accelerator.init_trackers("sslhub-finetune", config=settings)
+            accelerator.init_trackers("sslhub-finetune", config=tracker_config(_settings(args)))
         show = args.progress and accelerator.is_main_process
         with tqdm(total=self.last_step, initial=state.step, disable=not show, desc="finetune") as bar:
             self.model.train()

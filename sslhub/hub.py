@@ -99,6 +99,20 @@ def accuracy_fraction(name: str, value: Any) -> float:
     return value
 
 
+def accuracy_result(metric: str, value: float, dataset_name: str, dataset_id: str | None = None) -> EvalResult:
+    """One ``model-index`` entry: image-classification accuracy ``value`` (a fraction) of ``metric`` on a dataset
+    (``dataset_id``: its Hub id when there is one)."""
+    return EvalResult(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=dataset_id or dataset_name,
+        dataset_name=dataset_name,
+        metric_type="accuracy",
+        metric_name=metric,
+        metric_value=accuracy_fraction(metric, value),
+    )
+
+
 def render_model_card(
     *,
     method: str,
@@ -139,18 +153,7 @@ def render_model_card(
     eval_name, eval_id = describe_data(eval_data) if eval_data is not None else (data_name, dataset_id)
     if results and eval_name is None:
         raise ValueError('results need training["data"] (or eval_data) to name the dataset they were measured on')
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=eval_id or eval_name,
-            dataset_name=eval_name,
-            metric_type="accuracy",
-            metric_name=metric,
-            metric_value=value,
-        )
-        for metric, value in results.items()
-    ]
+    eval_results = [accuracy_result(metric, value, eval_name, eval_id) for metric, value in results.items()]
     card_data = ModelCardData(
         library_name="sslhub",
         pipeline_tag="image-classification" if task == "classification" else "image-feature-extraction",

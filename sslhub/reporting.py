@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from sklearn.metrics import confusion_matrix
 
 from sslhub.files import write_atomically
-from sslhub.hub import accuracy_fraction, save_model_card, with_section
+from sslhub.hub import accuracy_result, save_model_card, with_section
 
 RESULTS_START = "<!-- sslhub eval results: start -->"
 RESULTS_END = "<!-- sslhub eval results: end -->"
@@ -112,18 +112,7 @@ def add_results_to_model_card(
     model_dir = Path(model_dir)
     path = model_dir / "README.md"
     card = ModelCard.load(path) if path.is_file() else _minimal_card(model_dir)
-    new = [
-        EvalResult(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=dataset_type or dataset_name,
-            dataset_name=dataset_name,
-            metric_type="accuracy",
-            metric_name=metric,
-            metric_value=accuracy_fraction(metric, value),
-        )
-        for metric, value in results.items()
-    ]
+    new = [accuracy_result(metric, value, dataset_name, dataset_type) for metric, value in results.items()]
     replaced = {(result.metric_name, result.dataset_name) for result in new}
     kept = [r for r in card.data.eval_results or [] if (r.metric_name, r.dataset_name) not in replaced]
     card.data.eval_results = kept + new

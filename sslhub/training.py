@@ -248,9 +248,22 @@ def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: 
             move_into(tmp, target)
 
 
-def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
-    values = {**asdict(args), **model.config.method_kwargs, "method": model.config.method}
+def tracker_config(values: dict) -> dict:
+    """``values`` as trackers take them: numbers, strings and booleans kept, anything else as its string."""
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+
+
+def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
+    return tracker_config({**asdict(args), **model.config.method_kwargs, "method": model.config.method})
+
+
+def restore_checkpoint(accelerator: Accelerator, resume: str | None, output_dir: str, state) -> None:
+    """Load the Accelerate state ``resume`` names (``"latest"`` in ``output_dir``, or a directory), if any, into the
+    registered objects, ``state`` (with its ``step``) among them."""
+    checkpoint = resolve_resume(resume, output_dir) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
 
 
 def remaining_batches_of_epoch(run, dataset) -> tuple[int, object]:
@@ -403,10 +416,7 @@ class Pretrainer:
 
     def run(self) -> PretrainResult:
         args, accelerator, state = self.args, self.accelerator, self.state
-        checkpoint = resolve_resume(args.resume, args.output_dir) if args.resume else None
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+        restore_checkpoint(accelerator, args.resume, args.output_dir, state)
         if args.log_with:
             accelerator.init_trackers("sslhub", config=_flat_hparams(args, accelerator.unwrap_model(self.model)))
         if state.step == 0:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build
+from helpers import build, params, perturb_
 from torch import nn
 from torchvision.transforms import v2
 
@@ -55,18 +55,6 @@ def dino_views():
     """Two 32 px global crops and two 16 px local crops."""
     x = images(BATCH, 3, 32, 32)
     return [x, x.flip(-1), x[..., 8:24, 8:24], x[..., :16, 16:]]
-
-
-def params(module, prefixes):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefixes)}
-
-
-@torch.no_grad()
-def perturb_(module, prefixes, scale=0.05, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.startswith(prefixes):
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def assert_params_equal(actual, expected):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build
+from helpers import build, params, perturb_
 from torch import nn
 from torchvision.transforms import v2
 
@@ -45,18 +45,6 @@ def views(seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, 3, 32, 32, generator=gen)
     return [x, x + 0.1 * torch.randn(BATCH, 3, 32, 32, generator=gen)]
-
-
-def params(module, prefixes):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefixes)}
-
-
-@torch.no_grad()
-def perturb_(module, prefixes, scale=0.05, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.startswith(prefixes):
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def momentum_name_to_base(name):
