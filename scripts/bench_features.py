@@ -1,4 +1,4 @@
-"""Feature-extraction throughput (images/s) of ``sslhub eval``: what ``sslhub.evaluation.extract_features`` does
+"""Feature-extraction throughput (images/s) of ``sslhub eval``: what ``sslhub.probes.extract_features`` does
 for each preset, on synthetic images.
 
 Two numbers per preset, median over ``--repeats`` runs after one warm-up batch:
@@ -28,7 +28,7 @@ from PIL import Image
 
 import sslhub
 from sslhub.data import ImageDataset
-from sslhub.evaluation import extract_features
+from sslhub.probes import extract_features
 from sslhub.transforms import eval_transform
 
 SMALL_PRESETS = ["moco_v2_resnet18_32px", "dino_vit_tiny_patch4_32px", "mae_vit_tiny_patch4_32px"]

@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 
 import sslhub
 from sslhub.data import ImageDataset, load_image_dataset
-from sslhub.evaluation import extract_features, knn_accuracy, knn_evaluate
+from sslhub.probes import extract_features, knn_accuracy, knn_evaluate
 from sslhub.training import PretrainArguments, pretrain
 from sslhub.transforms import eval_transform
 

@@ -4,10 +4,11 @@ For each method (MoCo v2, DINO, MAE) the script reports the median wall time of 
 random views (no data loading, no augmentation), after warm-up steps:
 
 - **sslhub step**: exactly what ``sslhub.training.Pretrainer`` does per step: ``on_step_start``,
-  ``model(views).loss``, ``backward``, ``on_before_optimizer_step``, ``optimizer.step``, ``zero_grad``,
-  ``on_step_end``, with the optimizer of ``sslhub.training.build_optimizer``.
-- **bare bound**: the same timm backbone (``sslhub.backbones.create_backbone``) forward + backward (loss = sum of
-  the pooled features) and an SGD / AdamW step on the views the method back-propagates through, plus a no-grad
+  ``model(views).loss``, ``backward``, ``on_before_optimizer_step``, ``optimizer.step``, ``zero_grad``, the
+  momentum update of the method's ``momentum_pairs`` and ``on_step_end``, with the optimizer of
+  ``sslhub.training.build_optimizer``.
+- **bare bound**: the method's own encoder (``build_encoder``: timm backbone + pooling) forward + backward (loss =
+  sum of the pooled features) and an SGD / AdamW step on the views the method back-propagates through, plus a no-grad
   forward on the views only the momentum / teacher encoder sees. MoCo: grad on the query view, no grad on the
   key view; DINO: grad on all crops, no grad on the 2 global crops; MAE: grad on the full view. MAE's encoder
   sees only 25 % of the patches, so its sslhub/bound ratio can be below 1.
@@ -56,8 +57,8 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 import sslhub
-from sslhub.backbones import PooledBackbone, create_backbone, default_pooling, is_vision_transformer
-from sslhub.methods.base import MethodHparams, TrainingProgress
+from sslhub.backbones import is_vision_transformer
+from sslhub.methods.base import MethodHparams, TrainingProgress, update_momentum_pairs
 from sslhub.modeling import SSLForPreTraining
 from sslhub.training import build_optimizer
 
@@ -159,7 +160,7 @@ def make_optimizer(params, hparams: MethodHparams, lr: float) -> torch.optim.Opt
 def encoder_kwargs(model: SSLForPreTraining, trained: bool = True) -> dict:
     """Extra timm options of the encoder: DINO's ViTs take several crop sizes, and its student uses drop path."""
     method = model.method
-    if method.name != "dino" or not is_vision_transformer(method.student.backbone):
+    if method.name != "dino" or not is_vision_transformer(method.student.timm_model):
         return {}
     return {"dynamic_img_size": True, **({"drop_path_rate": method.hparams.drop_path_rate} if trained else {})}
 
@@ -209,14 +210,16 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
         method.on_step_start(progress)
         return model(views).loss
 
-    return Step(forward, build_optimizer(method, lr), method.on_before_optimizer_step, method.on_step_end)
+    def after_optimizer_step(progress):
+        update_momentum_pairs(method.momentum_pairs(), method.momentum_at(progress))
+        method.on_step_end(progress)
+
+    return Step(forward, build_optimizer(method, lr), method.on_before_optimizer_step, after_optimizer_step)
 
 
 def bound_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
     """Bare backbone: forward + backward + optimizer step on the trained views, no-grad forward on the others."""
-    config = model.config
-    backbone = create_backbone(config.backbone, **config.backbone_kwargs, **encoder_kwargs(model))
-    encoder = options.place(PooledBackbone(backbone, config.pooling or default_pooling(backbone)))
+    encoder = options.place(type(model.method).build_encoder(model.config, **encoder_kwargs(model)))
     split = BOUND_VIEWS[model.method.name]
 
     def forward(views, progress):

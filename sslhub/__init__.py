@@ -1,13 +1,13 @@
 """sslhub: self-supervised vision models as Hugging Face models, pretrained with Accelerate."""
 
-from sslhub import evaluate
+from sslhub import evaluation, methods  # noqa: F401  (importing the methods registers them)
 from sslhub.configuration import SSLConfig
 from sslhub.export import export_timm, export_transformers
 from sslhub.factory import create_model, from_pretrained, to_timm
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
 from sslhub.registry import list_methods, list_models, list_pretrained
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SSLConfig",
@@ -16,7 +16,7 @@ __all__ = [
     "SSLModel",
     "SSLPreTrainedModel",
     "create_model",
-    "evaluate",
+    "evaluation",
     "export_timm",
     "export_transformers",
     "from_pretrained",

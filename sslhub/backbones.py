@@ -54,14 +54,44 @@ def pool_features(hidden: torch.Tensor, pooling: str, num_prefix_tokens: int = 0
     raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLINGS}")
 
 
-class PooledBackbone(nn.Module):
-    """A backbone followed by its pooling: maps images (B, 3, H, W) to features (B, D)."""
+class Encoder(nn.Module):
+    """What ``SSLModel`` holds and a method releases: images (B, C, H, W) -> ``forward_features`` (feature map or
+    tokens, the model's ``last_hidden_state``) -> ``pool`` (B, D) (its ``pooler_output``). ``forward`` is both.
+    ``timm_model`` is the single timm module the encoder is, or ``None`` (two branches, a hybrid ...)."""
 
-    def __init__(self, backbone: nn.Module, pooling: str):
-        super().__init__()
-        self.backbone = backbone
-        self.pooling = pooling
-        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0)
+    num_features: int
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return pool_features(self.backbone.forward_features(images), self.pooling, self.num_prefix_tokens)
+        return self.pool(self.forward_features(images))
+
+    @property
+    def timm_model(self) -> nn.Module | None:
+        return None
+
+
+class TimmEncoder(Encoder):
+    """A timm backbone (``create_backbone``) followed by its pooling: the default encoder of a method.
+    ``pooling`` ``None`` picks ``default_pooling`` of the backbone."""
+
+    def __init__(self, name: str, pooling: str | None = None, **kwargs):
+        super().__init__()
+        self.backbone = create_backbone(name, **kwargs)
+        self.pooling = pooling or default_pooling(self.backbone)
+        self.num_prefix_tokens = getattr(self.backbone, "num_prefix_tokens", 0)
+        self.num_features = self.backbone.num_features
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(images)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return pool_features(hidden, self.pooling, self.num_prefix_tokens)
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.backbone

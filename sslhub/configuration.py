@@ -19,7 +19,7 @@ class SSLConfig(PretrainedConfig):
 
     model_type = "sslhub"
 
-    method: str = "moco_v2"
+    method: str | None = None  # a registered method id; None only in transformers' default-valued instance
     backbone: str = "resnet50"
     backbone_kwargs: dict | None = None
     pooling: str | None = None
@@ -33,7 +33,8 @@ class SSLConfig(PretrainedConfig):
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
-        self.method_kwargs = get_method(self.method).validate_hparams(self.method_kwargs or {})
+        if self.method is not None:
+            self.method_kwargs = get_method(self.method).validate_hparams(self.method_kwargs or {})
         super().__post_init__(**kwargs)
 
     @classmethod

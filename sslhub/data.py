@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sslhub.batch import Sample
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -447,12 +449,22 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
     return digest.hexdigest()
 
 
-def multi_view_collate(
-    batch: Sequence[tuple[Sequence[torch.Tensor], int]],
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``[(views, label), ...]`` -> ``([view 0 of every item, view 1 of every item, ...], labels)``: views are
-    stacked per position, so crops of different sizes (DINO global / local) stay separate (B, C, H, W)
-    tensors."""
-    views, labels = zip(*batch, strict=True)
-    stacked = [torch.stack(position) for position in zip(*views, strict=True)]
-    return stacked, torch.tensor(labels, dtype=torch.long)
+class ViewDataset(Dataset):
+    """Pretraining items: each image of ``images`` under a method's view recipe as a ``Sample`` (index, views, label
+    when known, the recipe's extras, and the seed its views were drawn with). Views are a pure function of
+    ``(seed, epoch, index)`` as in ``ImageDataset``; ``set_epoch`` before each epoch. ``images`` is not modified."""
+
+    def __init__(self, images: ImageDataset, recipe: Callable, seed: int = 0):
+        self.images = ImageDataset(images.images, images.labels, images.classes, recipe, seed, images.fingerprint)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.images.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> Sample:
+        index = range(len(self))[index]
+        views, label = self.images[index]
+        seed = view_seed(self.images.seed, self.images.epoch, index)
+        return Sample(index, views.views, None if label < 0 else label, views.extras, seed)

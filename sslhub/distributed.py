@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 
 def world_size() -> int:
@@ -22,6 +23,16 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along dim 0, keeping the autograd graph: each process receives the
+    gradient of its own slice summed over the processes' losses (``torch.distributed.nn.functional.all_gather``), so
+    with DDP's gradient averaging the update is that of the mean loss over the global batch (SimCLR's negatives
+    from every replica, arXiv 2002.05709 §2.2)."""
+    if world_size() == 1:
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()))
 
 
 @torch.no_grad()

@@ -1,282 +1,317 @@
-"""Frozen-feature evaluation: feature extraction, the weighted k-nearest-neighbour classifier and linear probes.
+"""Evaluating a checkpoint's frozen features on a labelled dataset: the Python side of ``sslhub eval knn | linear``
+(the algorithms are in ``sslhub.probes``).
 
-The kNN classifier is the one of InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
-Instance Discrimination", arXiv 1805.01978, eq. 7) as implemented in DINO's ``eval_knn.py`` (Caron et al. 2021,
-arXiv 2104.14294): cosine similarity between L2-normalised features, the k most similar training samples vote
-for their class with weight ``exp(sim / T)``, T = 0.07, k = 20.
-
-Linear probes train a linear classifier on frozen features, with the recipes of the official linear-classification
-scripts (``LINEAR_RECIPES``), or fit an L2-regularised logistic regression with L-BFGS (scikit-learn).
+``sslhub.evaluation.knn(model, data)`` and ``sslhub.evaluation.linear(model, data)`` take any sslhub checkpoint (model
+object, preset name, ``"preset.tag"`` with the authors' weights, local directory or Hub id) and labelled data (a spec
+of :func:`sslhub.data.labelled_splits` or a ``(train, evaluation)`` pair of ``ImageDataset``), preprocess images as
+the checkpoint's method declares (``SSLMethod.eval_transform(config)``), extract features once (cached
+on disk under ``cache_root() / "features"``, keyed by model weights, data and transform) and return top-1 / top-5,
+per-class accuracy and the confusion matrix. With ``output_dir`` they write ``metrics.json`` and
+``confusion_matrix.png``, and add the accuracies to a local checkpoint's model card (``model-index``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from sslhub.optim import LARS
+from sslhub.data import ImageDataset, dataset_fingerprint, labelled_splits
+from sslhub.factory import create_model, from_pretrained
+from sslhub.files import cache_root, write_atomically
+from sslhub.hub.cards import describe_data
+from sslhub.modeling import SSLForImageClassification, SSLForPreTraining
+from sslhub.probes import (
+    extract_features,
+    linear_epochs,
+    logistic_regression_logits,
+    train_linear_classifier,
+    weighted_knn_predict,
+)
+from sslhub.registry import get_method, list_models
+from sslhub.reporting import add_results_to_model_card, classification_report, save_report
 
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Switch ``model`` to eval mode, then restore every submodule's own train/eval flag."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _pooled(output) -> torch.Tensor:
-    features = getattr(output, "pooler_output", output)
-    if not torch.is_tensor(features) or features.ndim != 2:
-        raise TypeError(
-            "extract_features needs a model returning a (batch, dim) tensor or an object with a (batch, dim) "
-            f"`.pooler_output`; got {type(output).__name__}"
-            + (f" with shape {tuple(features.shape)}" if torch.is_tensor(features) else "")
-        )
-    return features
+CACHE_FORMAT = 1  # bump when the cached features of the same inputs would differ
 
 
-def extract_features(
-    model: nn.Module,
-    dataset: Dataset,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = True,
+@dataclass
+class FeatureOptions:
+    """How data is split and features are extracted; every ``knn`` / ``linear`` keyword beyond their own."""
+
+    val_fraction: float = 0.2
+    seed: int = 0
+    image_column: str | None = None
+    label_column: str | None = None
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str | None = None
+    cache: bool = True
+    progress: bool = True
+    transform: Callable | None = None
+
+
+@dataclass
+class _Run:
+    """A resolved evaluation: model, where it came from, class names and the cached features of both splits."""
+
+    model: nn.Module
+    options: FeatureOptions
+    model_name: str
+    checkpoint_dir: Path | None
+    data_name: str | None  # None: in-memory datasets, which a model card cannot name
+    classes: list[str]
+    transform: Callable
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_model(name: str | os.PathLike) -> tuple[nn.Module, Path | None]:
+    """``(model, checkpoint directory or None)``: a local sslhub directory or Hub id (``from_pretrained``), a
+    ``"preset.tag"`` with the authors' weights (``create_model(pretrained=True)``) or a bare preset (random init)."""
+    path = Path(name)
+    if path.is_dir():
+        return from_pretrained(path), path
+    name = str(name)
+    if "." in name and "/" not in name:
+        return create_model(name, pretrained=True), None
+    if name in list_models():
+        warnings.warn(f"{name} is a preset without weights: evaluating a random initialisation", stacklevel=3)
+        return create_model(name), None
+    return from_pretrained(name), None
+
+
+def feature_model(model: nn.Module) -> nn.Module:
+    """The encoder whose pooled features are evaluated: the released encoder of a pretraining model, the encoder of
+    a classifier, else ``model`` itself."""
+    if isinstance(model, SSLForPreTraining):
+        return model.released_model()
+    if isinstance(model, SSLForImageClassification):
+        return model.ssl
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class, config (JSON) and every state-dict tensor (name, dtype, shape and bytes)."""
+    config = getattr(model, "config", None)
+    digest = hashlib.sha256(type(model).__name__.encode())
+    digest.update((config.to_json_string(use_diff=False) if config is not None else "").encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_features(
+    model: nn.Module, dataset: ImageDataset, options: FeatureOptions, model_hash: str, description: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of every sample of ``dataset`` (items ``(image tensor, label)``), in dataset order.
+    """``extract_features`` of ``dataset`` (its transform set), read from or written to a safetensors file under
+    ``cache_root() / "features"`` named by a hash of the model (``model_hash``), the data, the transform and
+    ``description["split"]``. ``description`` is stored as the file's metadata."""
+    key = json.dumps(
+        [CACHE_FORMAT, model_hash, dataset_fingerprint(dataset), repr(dataset.transform), description["split"]]
+    )
+    path = cache_root() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+    if options.cache and path.is_file():
+        cached = load_file(path)
+        return cached["features"], cached["labels"]
+    features, labels = extract_features(
+        model,
+        dataset,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        device=options.device,
+        progress=options.progress,
+    )
+    if options.cache:
+        tensors = {"features": features.contiguous(), "labels": labels.contiguous()}
+        write_atomically(path, save_safetensors(tensors, metadata={k: str(v) for k, v in description.items()}))
+    return features, labels
 
-    ``model`` is an ``SSLModel`` (``model(pixel_values).pooler_output``) or any module returning a (B, D) tensor
-    or an object with ``.pooler_output``. It runs in eval mode under ``torch.inference_mode`` on ``device``
-    (default: where its parameters are); its train/eval flags are restored afterwards.
-    Returns ``(features (N, D) float32, labels (N,) long)`` on the CPU.
-    """
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    features, labels = [], []
-    with _eval_mode(model), torch.inference_mode():
-        for images, targets in tqdm(loader, desc="Extracting features", disable=not progress):
-            output = model(images.to(device, non_blocking=True))
-            features.append(_pooled(output).float().cpu())
-            labels.append(torch.as_tensor(targets, dtype=torch.long))
-    if not features:
-        raise ValueError("extract_features got an empty dataset")
-    # Concatenating outside inference mode gives ordinary tensors that callers may modify in place.
-    return torch.cat(features), torch.cat(labels)
+
+def _model_transform(model: nn.Module, transform: Callable | None) -> Callable:
+    if transform is not None:
+        return transform
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "image_size"):
+        raise ValueError(f"{type(model).__name__} has no sslhub config to take the preprocessing from; pass transform")
+    return get_method(config.method).eval_transform(config)
 
 
-def weighted_knn_predict(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Class scores (N_test, C) of the weighted kNN classifier (InstDisc eq. 7, DINO ``knn_classifier``).
-
-    ``score[i, c] = sum over the k training samples j most cosine-similar to test sample i with label c of
-    exp(cos(x_i, x_j) / temperature)``. ``k`` is clamped to the number of training samples; ``num_classes``
-    defaults to ``max(train_labels) + 1``. Test rows are processed ``chunk_size`` at a time so that only a
-    (chunk_size, N_train) similarity matrix is held in memory. Computed on ``train_features.device``.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if train_features.shape[0] != train_labels.shape[0] or train_features.shape[0] == 0:
-        raise ValueError(
-            f"need one label per training sample and at least one sample; got {train_features.shape[0]} "
-            f"features and {train_labels.shape[0]} labels"
+def _datasets(data, options: FeatureOptions) -> tuple[ImageDataset, ImageDataset, str | None]:
+    """(train, evaluation, spec) from a spec or a pair of datasets (spec ``None``); copies, so the caller's stay
+    untouched."""
+    if isinstance(data, (str, os.PathLike)):
+        train, test = labelled_splits(
+            str(data),
+            val_fraction=options.val_fraction,
+            seed=options.seed,
+            image_column=options.image_column,
+            label_column=options.label_column,
         )
-    train_labels = train_labels.to(train_features.device, torch.long)
-    if train_labels.min() < 0:
-        raise ValueError("weighted kNN needs labelled training samples (labels >= 0); got a negative label")
-    if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
-    k = min(k, train_features.shape[0])
-    train = F.normalize(train_features.float(), dim=1)
-    scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].to(train.device, torch.float32), dim=1)
-        similarity, neighbours = (test @ train.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
-        chunk_scores = torch.zeros(test.shape[0], num_classes, device=train.device)
-        scores.append(chunk_scores.scatter_add_(1, train_labels[neighbours], weights))
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=train.device)
+        return train, test, str(data)
+    train, test = (copy.copy(dataset) for dataset in data)
+    if train.classes is None or train.labels is None or test.labels is None:
+        raise ValueError("a (train, evaluation) pair of datasets needs labels on both and class names on the train set")
+    return train, test, None
 
 
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 20,
+def _prepare(model, data, options: dict) -> _Run:
+    options = FeatureOptions(**options)
+    train, test, data_name = _datasets(data, options)  # bad data fails before a model is downloaded
+    source, checkpoint_dir = (model, None) if isinstance(model, nn.Module) else load_model(model)
+    encoder = feature_model(source)
+    if options.device is None and not isinstance(model, nn.Module):  # a model we loaded: the best device there is
+        options.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if options.device is not None:
+        encoder.to(options.device)
+    transform = _model_transform(encoder, options.transform)
+    train.transform = test.transform = transform
+    model_hash = model_fingerprint(encoder)
+    config = getattr(encoder, "config", None)
+    model_name = str(model) if not isinstance(model, nn.Module) else getattr(config, "preset", None) or "model"
+    described = {"model": model_name, "data": data_name or "in-memory data"}
+    return _Run(
+        model=encoder,
+        options=options,
+        model_name=model_name,
+        checkpoint_dir=checkpoint_dir,
+        data_name=data_name,
+        classes=list(train.classes),
+        transform=transform,
+        train=cached_features(encoder, train, options, model_hash, {**described, "split": "train"}),
+        test=cached_features(encoder, test, options, model_hash, {**described, "split": "evaluation"}),
+    )
+
+
+def _finish(run: _Run, result: dict, card_metrics: dict[str, float], output_dir, update_card: bool) -> dict:
+    """Add the common fields; with ``output_dir`` save the report and update a local checkpoint's card."""
+    result.update(
+        model=run.model_name,
+        data=run.data_name or "in-memory data",
+        class_names=run.classes,
+        num_train=int(run.train[1].shape[0]),
+        num_eval=int(run.test[1].shape[0]),
+        feature_dim=int(run.train[0].shape[1]),
+        transform=repr(run.transform),
+        card_metrics=card_metrics,
+    )
+    if output_dir is None:
+        return result
+    model = Path(run.model_name).name if run.checkpoint_dir is not None else run.model_name
+    title = f"{result['protocol']}: {model} on {describe_data(result['data'])[0]}"
+    files = save_report(result, output_dir, title)
+    if update_card and run.checkpoint_dir is not None and run.data_name is not None:
+        name, dataset_id = describe_data(run.data_name)
+        files["model_card"] = add_results_to_model_card(run.checkpoint_dir, card_metrics, name, dataset_id)
+    result["files"] = {kind: str(path) for kind, path in files.items()}
+    return result
+
+
+def knn(
+    model: nn.Module | str | os.PathLike,
+    data: str | os.PathLike | tuple[ImageDataset, ImageDataset],
+    *,
+    k: Sequence[int] = (20, 200),
     temperature: float = 0.07,
-) -> float:
-    """Top-1 accuracy in [0, 1] of :func:`weighted_knn_predict` (ties go to the lowest class index)."""
-    if test_labels.numel() == 0 or test_labels.min() < 0:
-        raise ValueError("knn_accuracy needs at least one test sample, all labelled (labels >= 0)")
-    scores = weighted_knn_predict(train_features, train_labels, test_features, k=k, temperature=temperature)
-    predictions = scores.argmax(dim=1).cpu()
-    return (predictions == test_labels.cpu()).float().mean().item()
-
-
-def knn_evaluate(
-    model: nn.Module,
-    train_dataset: Dataset,
-    test_dataset: Dataset,
-    k: int = 20,
-    temperature: float = 0.07,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> float:
-    """kNN top-1 accuracy of ``model``'s frozen features: train set as memory bank, test set as queries.
-
-    Both datasets should already use the evaluation transform (e.g. ``sslhub.transforms.eval_transform``).
-    """
-    train_features, train_labels = extract_features(model, train_dataset, batch_size=batch_size, progress=progress)
-    test_features, test_labels = extract_features(model, test_dataset, batch_size=batch_size, progress=progress)
-    return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k, temperature=temperature)
-
-
-@dataclass(frozen=True)
-class LinearRecipe:
-    """A linear-classification protocol on frozen features: optimizer (``"sgd"`` with momentum 0.9 or ``"lars"``),
-    ``base_lr`` per 256 images, weight decay, epochs, batch size, linear warm-up epochs then cosine decay to 0, and
-    ``batchnorm``: a ``BatchNorm1d(affine=False, eps=1e-6)`` before the linear layer (MAE). ``source`` names the
-    official script it follows."""
-
-    source: str
-    base_lr: float
-    epochs: int
-    batch_size: int
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0
-    batchnorm: bool = False
-
-    @property
-    def lr(self) -> float:
-        """The absolute learning rate of the official run: ``base_lr x batch_size / 256``."""
-        return self.base_lr * self.batch_size / 256
-
-
-# Deviations on cached features, for every recipe: no augmentation (the official scripts train on random resized
-# crops + flips; here the centre-crop features are computed once); cosine decay (MoCo v1/v2 decays in steps at
-# epochs 60 and 80 unless ``--cos``); data smaller than one batch is one batch, trained with the official absolute
-# lr; and at least MIN_LINEAR_STEPS optimizer steps (more epochs on small data, where the official epoch count would
-# give a handful of steps).
-MIN_LINEAR_STEPS = 1000
-MOCO_V2_LINEAR = LinearRecipe("facebookresearch/moco main_lincls.py", 30.0, 100, 256)
-LINEAR_RECIPES = {
-    "moco_v1": MOCO_V2_LINEAR,
-    "moco_v2": MOCO_V2_LINEAR,
-    "moco_v3": LinearRecipe("facebookresearch/moco-v3 main_lincls.py", 0.1, 90, 1024),
-    "dino": LinearRecipe("facebookresearch/dino eval_linear.py (on the pooled features)", 0.001, 100, 1024),
-    "mae": LinearRecipe(
-        "facebookresearch/mae main_linprobe.py", 0.1, 90, 16384, optimizer="lars", warmup_epochs=10, batchnorm=True
-    ),
-}
-
-
-def linear_classifier(
-    dim: int, num_classes: int, batchnorm: bool = False, generator: torch.Generator | None = None
-) -> nn.Sequential:
-    """``Linear(dim, num_classes)`` with weights ~ N(0, 0.01²) and zero bias (MoCo / DINO / MAE linear heads),
-    after a ``BatchNorm1d(dim, affine=False, eps=1e-6)`` when ``batchnorm`` (MAE ``main_linprobe.py``). The norm
-    keeps a cumulative average of the batch statistics (``momentum=None``) rather than MAE's running average, so
-    that the short runs of small data end with the statistics of the whole training set."""
-    linear = nn.Linear(dim, num_classes)
-    nn.init.normal_(linear.weight, std=0.01, generator=generator)
-    nn.init.zeros_(linear.bias)
-    norm = [nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)] if batchnorm else []
-    return nn.Sequential(*norm, linear)
-
-
-def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Per-step lr: linear warm-up to the optimizer's lr, then cosine decay to 0 at ``total_steps``."""
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
-    if warmup_steps == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-
-
-def linear_epochs(recipe: LinearRecipe, num_samples: int) -> int:
-    """The recipe's epochs, or more so that ``num_samples`` images give at least ``MIN_LINEAR_STEPS`` steps."""
-    steps_per_epoch = math.ceil(num_samples / min(recipe.batch_size, num_samples))
-    return max(recipe.epochs, math.ceil(MIN_LINEAR_STEPS / steps_per_epoch))
-
-
-def train_linear_classifier(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    recipe: LinearRecipe,
-    seed: int = 0,
-    progress: bool = True,
-) -> nn.Sequential:
-    """A :func:`linear_classifier` trained with cross-entropy on fixed ``features`` (N, D), on their device:
-    ``recipe.epochs`` passes over shuffled batches of ``min(recipe.batch_size, N)`` (order from a generator seeded
-    with ``seed``, which also draws the initial weights), lr ``recipe.lr`` with warm-up + cosine per step. Returned
-    in eval mode."""
-    if features.shape[0] != labels.shape[0] or features.shape[0] == 0:
-        raise ValueError(f"need one label per feature row and at least one row; got {features.shape}, {labels.shape}")
-    batch_size = min(recipe.batch_size, features.shape[0])
-    generator = torch.Generator().manual_seed(seed)
-    classifier = linear_classifier(features.shape[1], num_classes, recipe.batchnorm, generator).to(features.device)
-    if recipe.optimizer == "lars":
-        optimizer = LARS(classifier.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(
-            classifier.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay
+    output_dir: str | os.PathLike | None = None,
+    update_card: bool = True,
+    **options,
+) -> dict:
+    """Weighted kNN on frozen features (InstDisc eq. 7, DINO ``eval_knn.py``): cosine similarity, the ``k`` nearest
+    training images vote with ``exp(sim / temperature)``; one report per ``k`` (``by_k``), the first ``k`` also at
+    the top level. ``options``: the fields of :class:`FeatureOptions`."""
+    if not k or min(k) < 1:
+        raise ValueError(f"k needs one or more values >= 1, got {list(k)}")
+    run = _prepare(model, data, options)
+    (train_features, train_labels), (test_features, test_labels) = run.train, run.test
+    by_k = {}
+    for neighbours in k:
+        scores = weighted_knn_predict(
+            train_features, train_labels, test_features, neighbours, temperature, num_classes=len(run.classes)
         )
-    steps_per_epoch = math.ceil(features.shape[0] / batch_size)
-    schedule = _warmup_cosine(optimizer, recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch)
-    labels = labels.to(features.device)
-    classifier.train()
-    for _ in tqdm(range(recipe.epochs), desc="Linear probe", disable=not progress):
-        for batch in torch.randperm(features.shape[0], generator=generator).to(features.device).split(batch_size):
-            loss = F.cross_entropy(classifier(features[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return classifier.eval()
+        by_k[str(neighbours)] = classification_report(scores, test_labels, run.classes)
+    result = {
+        "protocol": "knn",
+        **by_k[str(k[0])],
+        "by_k": by_k,
+        "settings": {"k": list(k), "temperature": temperature},
+    }
+    card_metrics = {f"kNN top-1 (k={neighbours})": by_k[str(neighbours)]["top1"] for neighbours in k}
+    return _finish(run, result, card_metrics, output_dir, update_card)
 
 
-def logistic_regression_logits(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    num_classes: int,
+def linear_recipe(model: nn.Module, num_samples: int, **overrides):
+    """The linear recipe ``model``'s method declares (``SSLMethod.linear_recipe``; none is an error) with the epochs
+    stretched to at least ``MIN_LINEAR_STEPS`` steps, then ``overrides`` (``None`` values ignored): ``epochs``,
+    ``batch_size``, ``weight_decay``, ``batchnorm``, and ``lr`` (absolute, replaces the scaled base lr)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "method"):
+        raise ValueError(f"{type(model).__name__} has no sslhub config naming its method; use method='lbfgs'")
+    recipe = get_method(config.method).get_linear_recipe()
+    recipe = dataclasses.replace(recipe, epochs=linear_epochs(recipe, num_samples))
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    lr = overrides.pop("lr", None)
+    recipe = dataclasses.replace(recipe, **overrides)
+    return recipe if lr is None else dataclasses.replace(recipe, base_lr=lr * 256 / recipe.batch_size)
+
+
+def linear(
+    model: nn.Module | str | os.PathLike,
+    data: str | os.PathLike | tuple[ImageDataset, ImageDataset],
+    *,
+    method: str = "sgd",
+    epochs: int | None = None,
+    lr: float | None = None,
+    train_batch_size: int | None = None,
+    weight_decay: float | None = None,
+    batchnorm: bool | None = None,
     C: float = 1.0,
     max_iter: int = 1000,
-) -> torch.Tensor:
-    """Log-probabilities (N_test, num_classes) of an L2-regularised multinomial logistic regression fitted with
-    L-BFGS on standardised features (scikit-learn ``StandardScaler`` + ``LogisticRegression``; ``C`` = inverse
-    regularisation strength). Classes absent from the training labels get -inf."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-    model.fit(train_features.cpu().double().numpy(), train_labels.cpu().numpy())
-    log_proba = torch.from_numpy(model.predict_log_proba(test_features.cpu().double().numpy()))
-    logits = torch.full((test_features.shape[0], num_classes), -math.inf, dtype=torch.float64)
-    logits[:, torch.from_numpy(model.classes_)] = log_proba
-    return logits
+    output_dir: str | os.PathLike | None = None,
+    update_card: bool = True,
+    **options,
+) -> dict:
+    """Linear probe on frozen features. ``method="sgd"``: a linear layer trained with the official recipe of the
+    model's method (:func:`linear_recipe`; MoCo: SGD lr 30, MAE: LARS + ``BatchNorm1d(affine=False)``), the other
+    arguments override it. ``method="lbfgs"``: scikit-learn's L-BFGS logistic regression on standardised features
+    (``C``, ``max_iter``), fast for small data. ``options``: the fields of :class:`FeatureOptions`."""
+    if method not in ("sgd", "lbfgs"):
+        raise ValueError(f"method must be 'sgd' or 'lbfgs', got {method!r}")
+    run = _prepare(model, data, options)
+    (train_features, train_labels), (test_features, test_labels) = run.train, run.test
+    seed = run.options.seed
+    if method == "lbfgs":
+        logits = logistic_regression_logits(train_features, train_labels, test_features, len(run.classes), C, max_iter)
+        settings = {"method": "lbfgs", "C": C, "max_iter": max_iter}
+        card_metric = "linear probe top-1 (L-BFGS logistic regression)"
+    else:
+        recipe = linear_recipe(
+            run.model,
+            len(train_labels),
+            epochs=epochs,
+            lr=lr,
+            batch_size=train_batch_size,
+            weight_decay=weight_decay,
+            batchnorm=batchnorm,
+        )
+        device = next(run.model.parameters(), torch.empty(0)).device
+        classifier = train_linear_classifier(
+            train_features.to(device), train_labels, len(run.classes), recipe, seed=seed, progress=run.options.progress
+        )
+        with torch.no_grad():
+            logits = classifier(test_features.to(device))
+        settings = {"method": "sgd", **dataclasses.asdict(recipe), "lr": recipe.lr, "seed": seed}
+        card_metric = "linear probe top-1"
+    result = {"protocol": "linear", **classification_report(logits, test_labels, run.classes), "settings": settings}
+    return _finish(run, result, {card_metric: result["top1"]}, output_dir, update_card)

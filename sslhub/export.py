@@ -22,7 +22,9 @@ from transformers import PretrainedConfig, PreTrainedModel, ViTMAEForPreTraining
 
 from sslhub.conversion.hf_transformers import mae_to_transformers, vit_config, vit_mae_config, vit_to_transformers
 from sslhub.files import atomic_directory
+from sslhub.heads import MAEDecoder
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel
+from sslhub.registry import get_method
 
 TOLERANCE = 1e-4  # max relative error between sslhub's output and the reloaded export
 # sslhub pooling (sslhub/backbones.py pool_features) -> timm global_pool giving the same pooled features: the class
@@ -55,8 +57,13 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
     """
     encoder = _released_encoder(model)
     config = encoder.config
-    backbone = copy.deepcopy(encoder.backbone).eval()
-    backbone.reset_classifier(0, global_pool=TIMM_POOLING[encoder.pooling])
+    if encoder.encoder.timm_model is None:
+        raise ValueError(
+            f"the {config.method} encoder ({type(encoder.encoder).__name__}) is not a single timm model, so it has no "
+            "timm export; use the sslhub checkpoint itself"
+        )
+    backbone = copy.deepcopy(encoder.encoder.timm_model).eval()
+    backbone.reset_classifier(0, global_pool=TIMM_POOLING[encoder.encoder.pooling])
     backbone.pretrained_cfg = {
         **{k: v for k, v in backbone.pretrained_cfg.items() if k not in _FOREIGN_CFG_FIELDS},
         "tag": config.method,
@@ -75,18 +82,26 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
 
 def export_transformers(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` as a transformers checkpoint directory (``config.json`` + ``model.safetensors`` in the Hub
-    key layout, see ``sslhub.conversion.hf_transformers``).
+    key layout, see ``sslhub.conversion.hf_transformers``), as the class its method declares
+    (``SSLMethod.export_targets``; ``ENCODER_EXPORTS`` / ``PRETRAINING_EXPORTS`` write them).
 
-    An MAE ``SSLForPreTraining`` becomes a ``ViTMAEForPreTraining``, an MAE encoder a ``ViTMAEModel`` and any other
-    timm ViT encoder (e.g. DINO, MoCo v3) a ``ViTModel`` without pooler (load it with ``add_pooling_layer=False``);
-    ``last_hidden_state`` equals sslhub's. Other backbones raise ``ValueError``: use ``export_timm``.
+    An ``SSLForPreTraining`` whose method declares a pretraining class becomes that class (MAE:
+    ``ViTMAEForPreTraining``); otherwise the released encoder becomes the method's encoder class (MAE:
+    ``ViTMAEModel``; by default a timm ViT encoder as ``ViTModel`` without pooler, loaded with
+    ``add_pooling_layer=False``); ``last_hidden_state`` equals sslhub's. Other encoders raise ``ValueError``.
     """
     if isinstance(model, SSLForImageClassification):
-        raise ValueError("export_transformers exports encoders and MAE pretraining models; export model.ssl instead")
-    if isinstance(model, SSLForPreTraining) and model.config.method == "mae":
-        export = _mae_pretraining_export(model)
+        raise ValueError("export_transformers exports encoders and pretraining models; export model.ssl instead")
+    targets = get_method(model.config.method).export_targets
+    if isinstance(model, SSLForPreTraining) and targets.pretraining in PRETRAINING_EXPORTS:
+        export = PRETRAINING_EXPORTS[targets.pretraining](model)
+    elif targets.encoder in ENCODER_EXPORTS:
+        export = ENCODER_EXPORTS[targets.encoder](_released_encoder(model))
     else:
-        export = _vit_encoder_export(_released_encoder(model))
+        raise ValueError(
+            f"the {model.config.method} encoder has no transformers class in sslhub's export; use "
+            "`sslhub export --format timm` (sslhub.export_timm)"
+        )
     name = export.model_class.__name__
     export.config.architectures = [name]
     with atomic_directory(directory, overwrite) as staging:
@@ -115,20 +130,12 @@ class _TransformersExport(NamedTuple):
 _KEEP_ALL = {"mask_ratio": 0.0}
 
 
-def _vit_encoder_export(encoder: SSLModel) -> _TransformersExport:
-    """A timm ViT encoder as ``ViTModel`` (for MAE: ``ViTMAEModel``), checked on ``last_hidden_state``."""
-    backbone, config = encoder.backbone, encoder.config
-    if not isinstance(backbone, VisionTransformer):
-        raise ValueError(f"no transformers-native class for {config.backbone} in sslhub's export; use export_timm")
+def _encoder_export(encoder: SSLModel, model_class, hf_config, load_kwargs: dict, inputs: dict):
+    """A timm ViT encoder in a transformers ViT class, checked on ``last_hidden_state``."""
+    backbone, config = encoder.encoder.timm_model, encoder.config
     pixels = _probe_images(config)
     with _inference(backbone):
         expected = backbone.forward_features(pixels)
-    if config.method == "mae":
-        model_class, hf_config, load_kwargs = ViTMAEModel, vit_mae_config(backbone, **_mae_fields(config)), _KEEP_ALL
-        inputs = {"noise": _identity_noise(backbone, pixels)}
-    else:
-        model_class, hf_config, load_kwargs = ViTModel, vit_config(backbone), {"add_pooling_layer": False}
-        inputs = {}
 
     def check(loaded: PreTrainedModel) -> None:
         _check_same("transformers export, last_hidden_state", loaded(pixels, **inputs).last_hidden_state, expected)
@@ -136,9 +143,34 @@ def _vit_encoder_export(encoder: SSLModel) -> _TransformersExport:
     return _TransformersExport(model_class, hf_config, vit_to_transformers(backbone.state_dict()), load_kwargs, check)
 
 
-def _mae_pretraining_export(model: SSLForPreTraining) -> _TransformersExport:
-    """An sslhub MAE as ``ViTMAEForPreTraining``, checked on the encoder tokens and the decoder predictions."""
-    encoder, decoder = model.method.encoder, model.method.decoder
+def _timm_vit(encoder: SSLModel) -> VisionTransformer:
+    backbone = encoder.encoder.timm_model
+    if not isinstance(backbone, VisionTransformer):
+        raise ValueError(
+            f"no transformers class for {encoder.config.backbone} in sslhub's export; use `sslhub export --format "
+            "timm` (sslhub.export_timm)"
+        )
+    return backbone
+
+
+def _vit_model_export(encoder: SSLModel) -> _TransformersExport:
+    """A timm ViT encoder as ``ViTModel`` without pooler."""
+    return _encoder_export(encoder, ViTModel, vit_config(_timm_vit(encoder)), {"add_pooling_layer": False}, {})
+
+
+def _vit_mae_model_export(encoder: SSLModel) -> _TransformersExport:
+    """A timm ViT encoder as ``ViTMAEModel``, masking nothing (mask ratio 0, identity noise)."""
+    backbone = _timm_vit(encoder)
+    hf_config = vit_mae_config(backbone, **_mae_fields(encoder.config))
+    inputs = {"noise": _identity_noise(backbone, _probe_images(encoder.config))}
+    return _encoder_export(encoder, ViTMAEModel, hf_config, _KEEP_ALL, inputs)
+
+
+def _vit_mae_for_pretraining_export(model: SSLForPreTraining) -> _TransformersExport:
+    """An MAE objective (a timm ViT encoder and an ``MAEDecoder``) as ``ViTMAEForPreTraining``, checked on the encoder
+    tokens and the decoder predictions."""
+    encoder = model.method.released_encoder.timm_model
+    decoder = next(module for module in model.method.modules() if isinstance(module, MAEDecoder))
     pixels = _probe_images(model.config)
     noise = _identity_noise(encoder, pixels)
     with _inference(model):
@@ -158,8 +190,17 @@ def _mae_pretraining_export(model: SSLForPreTraining) -> _TransformersExport:
     )
 
 
+ENCODER_EXPORTS: dict[str, Callable[[SSLModel], _TransformersExport]] = {
+    "ViTModel": _vit_model_export,
+    "ViTMAEModel": _vit_mae_model_export,
+}
+PRETRAINING_EXPORTS: dict[str, Callable[[SSLForPreTraining], _TransformersExport]] = {
+    "ViTMAEForPreTraining": _vit_mae_for_pretraining_export,
+}
+
+
 def _mae_fields(config) -> dict:
-    """The ``ViTMAEConfig`` fields that come from MAE's hyperparameters."""
+    """The ``ViTMAEConfig`` fields that come from the method's hyperparameters of the same names."""
     return {key: config.method_kwargs[key] for key in ("mask_ratio", "norm_pix_loss")}
 
 

@@ -7,21 +7,17 @@ import os
 from torch import nn
 
 from sslhub.configuration import SSLConfig
-from sslhub.hub import HUB_KWARGS, resolve_checkpoint
-from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
+from sslhub.conversion.pretrained import load_pretrained
+from sslhub.hub.download import HUB_KWARGS, resolve_checkpoint
+from sslhub.modeling import (
+    TASKS,
+    SSLForImageClassification,
+    SSLForPreTraining,
+    SSLModel,
+    SSLPreTrainedModel,
+    model_class,
+)
 from sslhub.registry import get_pretrained
-
-TASKS: dict[str, type[SSLPreTrainedModel]] = {
-    "features": SSLModel,
-    "pretraining": SSLForPreTraining,
-    "classification": SSLForImageClassification,
-}
-
-
-def _model_class(task: str) -> type[SSLPreTrainedModel]:
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
-    return TASKS[task]
 
 
 def create_model(
@@ -38,22 +34,25 @@ def create_model(
     ``"classification"`` (``SSLForImageClassification``, pass ``num_labels``). ``overrides`` replace config fields
     or method hyperparameters, e.g. ``create_model("moco_v2_resnet18", task="pretraining", queue_size=4096)``.
     ``pretrained_path``: the release's file (or Hugging Face directory) already on disk, for offline use.
+    A new pretraining model loads its method's frozen auxiliary networks (``SSLMethod.load_auxiliary_weights``).
     """
-    model_class = _model_class(task)
+    cls = model_class(task)
     if pretrained:
-        from sslhub.conversion.pretrained import load_pretrained
-
         return load_pretrained(name, task, pretrained_path, **overrides)
     if pretrained_path is not None:
         raise ValueError("pretrained_path is only used with pretrained=True")
     preset, _, tag = name.partition(".")
     if tag:
         overrides = {**get_pretrained(name).overrides, **overrides}
-    return model_class(SSLConfig.from_preset(preset, **overrides))
+    model = cls(SSLConfig.from_preset(preset, **overrides))
+    if isinstance(model, SSLForPreTraining):
+        model.method.load_auxiliary_weights()
+    return model
 
 
 def from_pretrained(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> SSLPreTrainedModel:
-    """Load an sslhub checkpoint (local directory or Hub repo id) as the class it was saved from, or as ``task``.
+    """Load an sslhub checkpoint (local directory or Hub repo id) as the class it was saved from, or as ``task``
+    (a pretraining checkpoint loads as ``"features"`` or ``"classification"`` through its released encoder).
 
     A Hub repo comes through huggingface_hub (its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``; ``revision``, ``token``,
     ``cache_dir``, ``force_download`` and ``local_files_only`` go there): config and safetensors only, no remote code.
@@ -63,18 +62,26 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str | None = None, **
     if task is None:
         config = SSLConfig.from_pretrained(path)
         saved = (config.architectures or ["SSLModel"])[0]
-        model_class = {cls.__name__: cls for cls in TASKS.values()}.get(saved, SSLModel)
+        cls = {cls.__name__: cls for cls in TASKS.values()}.get(saved, SSLModel)
     else:
-        model_class = _model_class(task)
-    return model_class.from_pretrained(path, use_safetensors=True, **kwargs)
+        cls = model_class(task)
+    return cls.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
 def to_timm(model: nn.Module) -> nn.Module:
-    """The plain timm backbone inside an sslhub model (its state dict loads into ``timm.create_model``)."""
+    """The plain timm model inside an sslhub model's released encoder (its state dict loads into
+    ``timm.create_model``); ``TypeError`` when the method's encoder is not a single timm model."""
     if isinstance(model, SSLModel):
-        return model.backbone
-    if isinstance(model, SSLForImageClassification):
-        return model.ssl.backbone
-    if isinstance(model, SSLForPreTraining):
-        return model.method.released_backbone
-    raise TypeError(f"to_timm expects an sslhub model, got {type(model).__name__}")
+        encoder = model.encoder
+    elif isinstance(model, SSLForImageClassification):
+        encoder = model.ssl.encoder
+    elif isinstance(model, SSLForPreTraining):
+        encoder = model.method.released_encoder
+    else:
+        raise TypeError(f"to_timm expects an sslhub model, got {type(model).__name__}")
+    if encoder.timm_model is None:
+        raise TypeError(
+            f"the {model.config.method} encoder ({type(encoder).__name__}) is not a single timm model; "
+            "use the sslhub model itself"
+        )
+    return encoder.timm_model

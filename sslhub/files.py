@@ -1,4 +1,5 @@
-"""Atomic writes: readers see the old file (or directory) or the new one, never a half-written one."""
+"""Where sslhub keeps files, and atomic writes: readers see the old file (or directory) or the new one, never a
+half-written one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+CACHE_ENV = "SSLHUB_CACHE"
+
+
+def cache_root() -> Path:
+    """sslhub's cache (converted releases, feature caches): ``$SSLHUB_CACHE``, else ``$XDG_CACHE_HOME/sslhub``, else
+    ``~/.cache/sslhub``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sslhub"
+    return Path(os.environ.get(CACHE_ENV, default))
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:

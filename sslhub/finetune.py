@@ -12,8 +12,6 @@ it on the data it is reported on would overstate its accuracy.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import tempfile
 import warnings
@@ -31,23 +29,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sslhub.arguments import none_or_str, option, required_option
 from sslhub.backbones import is_vision_transformer
 from sslhub.configuration import SSLConfig
 from sslhub.data import labelled_splits
-from sslhub.factory import create_model, from_pretrained, to_timm
+from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
-from sslhub.hub import describe_data, save_model_card
+from sslhub.hub.cards import describe_data, save_model_card
 from sslhub.modeling import SSLForImageClassification
+from sslhub.registry import get_method
 from sslhub.reporting import add_results_to_model_card, classification_report, save_report
 from sslhub.training import (
+    MAX_WARMUP_FRACTION,
     learning_rate_at,
     remaining_batches_of_epoch,
     restore_checkpoint,
     save_checkpoint,
     seeded_accelerator,
     tracker_config,
+    warmup_steps,
 )
-from sslhub.transforms import eval_transform
 
 VIT_LAYER_DECAY = 0.65  # MAE FINETUNE.md, ViT-B (BEiT's ViT-B value too)
 BETAS = (0.9, 0.999)
@@ -56,40 +57,58 @@ RESULT_NAME = "fine-tuned top-1"
 
 @dataclass
 class FinetuneArguments:
-    """Everything ``sslhub finetune`` takes; defaults are MAE's ViT-B fine-tuning recipe (module docstring)."""
+    """Everything ``sslhub finetune`` takes (its flags are generated from these fields); defaults are MAE's ViT-B
+    fine-tuning recipe (module docstring)."""
 
-    model: str  # preset, preset.tag (the authors' weights), sslhub checkpoint directory or Hub id
-    data: str  # as sslhub.data.labelled_splits: 'builtin', 'fashion-mnist', a class-per-folder directory, HF data
-    output_dir: str = "sslhub-finetune"
-    epochs: int = 100
-    batch_size: int = 64  # per process (MAE main_finetune.py; its ViT-B run: 32 x 32 GPUs)
-    lr: float | None = None  # absolute; default base_lr x global batch / 256
-    base_lr: float = 5e-4
-    min_lr: float = 1e-6
-    layer_decay: float | None = None  # None: 0.65 for ViT backbones, none (1.0) for others
-    drop_path: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    clip_grad: float | None = None
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
-    resume: str | None = None
-    num_workers: int = 0
-    val_fraction: float = 0.2
-    image_column: str | None = None
-    label_column: str | None = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    max_steps: int | None = None
-    log_every: int = 10
-    log_with: str | None = "tensorboard"
-    progress: bool = True
+    model: str = required_option(
+        "preset (random init), preset.tag (the authors' weights), sslhub checkpoint directory or Hub id"
+    )
+    data: str = required_option(
+        "labelled data: 'builtin', 'fashion-mnist', a folder with one subfolder per class, or HF data"
+    )
+    output_dir: str = option(
+        "sslhub-finetune", "where the fine-tuned model, metrics.json, confusion_matrix.png and checkpoints go"
+    )
+    epochs: int = option(100, "number of epochs (MAE ViT-B: 100)")
+    batch_size: int = option(64, "images per process and micro-batch (MAE main_finetune.py; its ViT-B run: 32 x 32)")
+    lr: float | None = option(None, "absolute peak learning rate (default: --base-lr x global batch / 256)")
+    base_lr: float = option(5e-4, "learning rate per 256 images (MAE ViT-B: 5e-4)")
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
+    layer_decay: float | None = option(
+        None, "layer-wise lr decay (default: 0.65 for ViTs as MAE / BEiT ViT-B, 1 = off for others)"
+    )
+    drop_path: float = option(0.1, "stochastic depth rate of the backbone (timm drop_path_rate)")
+    mixup: float = option(0.8, "mixup alpha (0: off)")
+    cutmix: float = option(1.0, "cutmix alpha (0: off)")
+    label_smoothing: float = option(0.1, "label smoothing")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    warmup_epochs: float = option(5.0, f"linear warm-up epochs (at most {MAX_WARMUP_FRACTION:.0%} of the run)")
+    auto_augment: str | None = option(
+        "rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none': off)", type=none_or_str
+    )
+    reprob: float = option(0.25, "random erasing probability")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
+    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    seed: int = option(0, "random seed: split, data order and augmentations are functions of it")
+    resume: str | None = option(
+        None,
+        "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
+        nargs="?",
+        const="latest",
+    )
+    num_workers: int = option(0, "data-loading worker processes")
+    val_fraction: float = option(
+        0.2, "share of the images held out for validation when the data has no validation split"
+    )
+    image_column: str | None = option(None, "image column of an HF dataset")
+    label_column: str | None = option(None, "label column of an HF dataset")
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
+    log_every: int = option(10, "log the loss every N steps")
+    log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
@@ -150,10 +169,6 @@ def _classifier_from_checkpoint(name: str, overrides: dict) -> SSLForImageClassi
             f"--model {name!r} is neither an sslhub checkpoint directory nor a Hub repo id holding one: {error}"
         ) from error
     config = config.with_overrides(**overrides)
-    if (config.architectures or [None])[0] == "SSLForPreTraining":
-        model = SSLForImageClassification(config)
-        model.ssl.load_state_dict(from_pretrained(name, task="pretraining").released_model().state_dict())
-        return model
     return from_pretrained(name, task="classification", config=config, ignore_mismatched_sizes=True)
 
 
@@ -164,7 +179,8 @@ def param_groups(model: SSLForImageClassification, weight_decay: float, layer_de
     a ViT of L blocks, the stem (patch and position embeddings, class token) gets ``layer_decay ** (L + 1)``, block i
     ``layer_decay ** (L - i)``, the classifier 1. timm's ``group_matcher`` puts the final norm with the last block
     (MAE's puts it with the head)."""
-    backbone = to_timm(model)
+    encoder = model.ssl.encoder
+    backbone = encoder.timm_model if encoder.timm_model is not None else encoder
     skip = sorted(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else []
     if layer_decay < 1:
         groups = param_groups_layer_decay(backbone, weight_decay, skip, layer_decay=layer_decay)
@@ -274,14 +290,15 @@ class Finetuner:
         model = load_classifier(args.model, self.classes, args.drop_path)
         config = model.config
         train.transform, train.seed = train_transform(config, args), args.seed
-        val.transform = eval_transform(config.image_size, config.image_mean, config.image_std)
+        val.transform = get_method(config.method).eval_transform(config)
         self.mixup, self.criterion = mixup_and_criterion(args, len(self.classes))
         global_batch = args.batch_size * self.accelerator.num_processes
         self._check_batch(len(train), global_batch)
-        self.peak_lr = args.lr or args.base_lr * global_batch * args.gradient_accumulation_steps / 256
+        images_per_step = global_batch * args.gradient_accumulation_steps
+        self.peak_lr = args.lr if args.lr is not None else args.base_lr * images_per_step / 256
         self.layer_decay = args.layer_decay
         if self.layer_decay is None:
-            self.layer_decay = VIT_LAYER_DECAY if is_vision_transformer(to_timm(model)) else 1.0
+            self.layer_decay = VIT_LAYER_DECAY if is_vision_transformer(model.ssl.encoder.timm_model) else 1.0
         optimizer = torch.optim.AdamW(
             param_groups(model, args.weight_decay, self.layer_decay), lr=self.peak_lr, betas=BETAS
         )
@@ -290,7 +307,7 @@ class Finetuner:
         )
         self.steps_per_epoch = len(self.loader) // args.gradient_accumulation_steps
         self.total_steps = args.epochs * self.steps_per_epoch
-        self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = warmup_steps(args.warmup_epochs, self.steps_per_epoch, self.total_steps)
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.state = FinetuneState()
         self.accelerator.register_for_checkpointing(self.state)
@@ -431,83 +448,3 @@ class Finetuner:
 def finetune(args: FinetuneArguments) -> FinetuneResult:
     """Fine-tune ``args.model`` on ``args.data`` and save it with its validation report; see ``FinetuneArguments``."""
     return Finetuner(args).run()
-
-
-# flag -> (type, help); defaults come from FinetuneArguments, --model and --data are required
-FLAGS = {
-    "model": (str, "preset (random init), preset.tag (the authors' weights), sslhub checkpoint directory or Hub id"),
-    "data": (str, "labelled data: 'builtin', 'fashion-mnist', a folder with one subfolder per class, or HF data"),
-    "output_dir": (str, "where the fine-tuned model, metrics.json, confusion_matrix.png and checkpoints go"),
-    "epochs": (int, "number of epochs (MAE ViT-B: 100)"),
-    "batch_size": (int, "images per process and micro-batch"),
-    "lr": (float, "absolute peak learning rate (default: --base-lr x global batch / 256)"),
-    "base_lr": (float, "learning rate per 256 images (MAE ViT-B: 5e-4)"),
-    "min_lr": (float, "final learning rate of the cosine schedule"),
-    "layer_decay": (float, "layer-wise lr decay (default: 0.65 for ViTs as MAE / BEiT ViT-B, 1 = off for others)"),
-    "drop_path": (float, "stochastic depth rate of the backbone (timm drop_path_rate)"),
-    "mixup": (float, "mixup alpha (0: off)"),
-    "cutmix": (float, "cutmix alpha (0: off)"),
-    "label_smoothing": (float, "label smoothing"),
-    "weight_decay": (float, "AdamW weight decay"),
-    "warmup_epochs": (float, "linear warm-up epochs"),
-    "auto_augment": (str, "timm auto-augment policy ('none': off)"),
-    "reprob": (float, "random erasing probability"),
-    "clip_grad": (float, "clip the gradient norm to this value (default: no clipping)"),
-    "mixed_precision": (str, "'no', 'fp16' or 'bf16'"),
-    "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
-    "seed": (int, "random seed: split, data order and augmentations are functions of it"),
-    "num_workers": (int, "data-loading worker processes"),
-    "val_fraction": (float, "share of the images held out for validation when the data has no validation split"),
-    "image_column": (str, "image column of an HF dataset"),
-    "label_column": (str, "label column of an HF dataset"),
-    "checkpoint_every": (int, "save a resumable checkpoint every N optimizer steps"),
-    "keep_checkpoints": (int, "how many checkpoints to keep"),
-    "max_steps": (int, "stop after this many optimizer steps (schedules still span --epochs)"),
-    "log_every": (int, "log the loss every N steps"),
-}
-REQUIRED = ("model", "data")
-
-
-def add_finetune_parser(subparsers) -> None:
-    parser = subparsers.add_parser("finetune", help="fine-tune a model on labelled images (MAE / BEiT recipe)")
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneArguments)}
-    for name, (kind, text) in FLAGS.items():
-        required = name in REQUIRED
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            required=required,
-            default=None if required else defaults[name],
-            help=text,
-        )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
-    )
-    parser.add_argument("--log-with", default="tensorboard", help="Accelerate tracker, or 'none'")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_finetune(ns: argparse.Namespace) -> int:
-    values = {name: getattr(ns, name) for name in FLAGS}
-    if values["auto_augment"] == "none":
-        values["auto_augment"] = None
-    args = FinetuneArguments(
-        **values,
-        resume=ns.resume,
-        log_with=None if ns.log_with == "none" else ns.log_with,
-        progress=not ns.no_progress,
-    )
-    result = finetune(args)
-    report = result.report
-    print(
-        f"Fine-tuned {args.model} on {args.data} for {result.steps} steps: validation top-1 {report['top1']:.4f}, "
-        f"top-5 {report['top5']:.4f} ({report['num_samples']} images)"
-    )
-    for name, accuracy in report["per_class_accuracy"].items():
-        print(f"  {name}: {accuracy:.4f}")
-    print(f"Saved the classifier, metrics.json and confusion_matrix.png to {result.output_dir}")
-    return 0

@@ -20,9 +20,12 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from sslhub.backbones import create_backbone, default_pooling, pool_features
+from sslhub.batch import Batch
 from sslhub.configuration import SSLConfig
-from sslhub.hub import push_checkpoint, render_model_card, save_model_card
+from sslhub.conversion.loading import CheckpointError
+from sslhub.hub.cards import render_model_card, save_model_card
+from sslhub.hub.download import HUB_KWARGS
+from sslhub.hub.push import push_checkpoint
 from sslhub.registry import get_method
 
 CARD_TASK = {"SSLForPreTraining": "pretraining", "SSLForImageClassification": "classification"}
@@ -62,6 +65,50 @@ class SSLPreTrainedModel(PreTrainedModel):
                 tmp, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
             )
 
+    # Keys a checkpoint of another task may lack because this class creates them (a classifier on an encoder).
+    _new_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, strict: a checkpoint missing a tensor of this model (other than the ones
+        this class creates, such as a new classifier) or holding one of another shape raises ``CheckpointError``
+        naming them, never loads uninitialised weights. An ``SSLForPreTraining`` checkpoint loads into ``SSLModel``
+        (and ``SSLForImageClassification``) as its released encoder with the trained weights."""
+        path = pretrained_model_name_or_path
+        config = kwargs.get("config")
+        if not isinstance(config, SSLConfig):
+            hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config = SSLConfig.from_pretrained(path, **hub)
+        saved = (config.architectures or [None])[0]
+        if saved == SSLForPreTraining.__name__ and cls is not SSLForPreTraining:
+            pretraining = SSLForPreTraining.from_pretrained(path, *args, **{**kwargs, "config": config})
+            return cls.from_released_encoder(pretraining.released_model(), config)
+        want_info = kwargs.pop("output_loading_info", False)
+        # transformers raises a bare RuntimeError on a shape mismatch unless told to ignore it; its loading info then
+        # lists the mismatches as (key, file shape, model shape), checked here like the missing keys.
+        loading = {**kwargs, "config": config, "ignore_mismatched_sizes": True}
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **loading)
+        missing = [key for key in info["missing_keys"] if not key.startswith(cls._new_keys)]
+        wrong = [
+            f"{key}: file {tuple(file)} vs model {tuple(expected)}"
+            for key, file, expected in sorted(info["mismatched_keys"])
+            if not key.startswith(cls._new_keys)
+        ]
+        if missing or wrong:
+            problems = "; ".join(
+                f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                for label, keys in (("missing", missing), ("wrong shape", wrong))
+                if keys
+            )
+            raise CheckpointError(f"{path}: the weights do not match a {cls.__name__} of this config: {problems}")
+        return (model, info) if want_info else model
+
+    @classmethod
+    def from_released_encoder(cls, encoder: SSLModel, config: SSLConfig):
+        """This class around a released encoder (``SSLModel``); only ``SSLModel`` and ``SSLForImageClassification``
+        are built this way."""
+        raise TypeError(f"{cls.__name__} cannot be made from an encoder")
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """``config.json`` + ``model.safetensors`` (transformers), and a ``README.md`` model card if there is none."""
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -70,43 +117,47 @@ class SSLPreTrainedModel(PreTrainedModel):
 
 
 class SSLModel(SSLPreTrainedModel):
-    """The released encoder: a timm backbone and its pooling.
+    """The released encoder of ``config.method``, as the method builds it (``SSLMethod.build_encoder``; by default a
+    timm backbone and its pooling).
 
-    ``last_hidden_state`` is the backbone's ``forward_features`` (feature map, or all tokens after the final norm);
-    ``pooler_output`` (B, D) is its global average (CNN) or final-norm class token (ViT) unless the config's
-    ``pooling`` says otherwise.
+    ``last_hidden_state`` is the encoder's ``forward_features`` (feature map, or all tokens after the final norm);
+    ``pooler_output`` (B, D) its pooled feature, the same pooling the method trains with.
     """
 
     def __init__(self, config: SSLConfig):
         super().__init__(config)
-        self.backbone = create_backbone(config.backbone, **config.backbone_kwargs)
-        self.pooling = config.pooling or get_method(config.method).default_pooling or default_pooling(self.backbone)
+        self.encoder = get_method(config.method).build_encoder(config)
         self.post_init()
+
+    @classmethod
+    def from_released_encoder(cls, encoder: SSLModel, config: SSLConfig) -> SSLModel:
+        return encoder
 
     @property
     def num_features(self) -> int:
-        return self.backbone.num_features
+        return self.encoder.num_features
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):
-        hidden = self.backbone.forward_features(pixel_values)
-        pooled = pool_features(hidden, self.pooling, getattr(self.backbone, "num_prefix_tokens", 0))
-        output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        hidden = self.encoder.forward_features(pixel_values)
+        output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=self.encoder.pool(hidden))
         return output if return_dict is not False else output.to_tuple()
 
 
 @dataclass
 class SSLPreTrainingOutput(ModelOutput):
-    """``loss``: the method's objective on the given views; ``metrics``: scalars worth logging."""
+    """``loss``: the method's objective on the given batch; ``metrics``: scalars worth logging."""
 
     loss: torch.Tensor | None = None
     metrics: dict | None = None
 
 
 class SSLForPreTraining(SSLPreTrainedModel):
-    """The full pretraining state: backbone(s), heads, teacher / queue / center buffers of ``config.method``.
+    """The full pretraining state: encoder copies, heads, teacher / queue / center buffers and auxiliary networks of
+    ``config.method``.
 
-    ``model(views).loss`` is the method's objective; ``model.released_model()`` is the ``SSLModel`` the authors
-    would release (MoCo: query encoder, DINO: teacher, MAE: encoder).
+    ``model(batch).loss`` is the method's objective on a ``Batch`` (or a list of views, or one tensor);
+    ``model.released_model()`` is the ``SSLModel`` the authors would release (MoCo: query encoder, DINO: teacher,
+    MAE: encoder).
     """
 
     def __init__(self, config: SSLConfig):
@@ -114,15 +165,16 @@ class SSLForPreTraining(SSLPreTrainedModel):
         self.method = get_method(config.method)(config)
         self.post_init()
 
-    def forward(self, pixel_values: list[torch.Tensor] | torch.Tensor, **kwargs) -> SSLPreTrainingOutput:
-        views = [pixel_values] if torch.is_tensor(pixel_values) else list(pixel_values)
-        out = self.method(views, **kwargs)
+    def forward(self, pixel_values: Batch | list[torch.Tensor] | torch.Tensor, **extras) -> SSLPreTrainingOutput:
+        """``pixel_values``: a ``Batch`` from the method's view recipe, or its views alone; ``extras`` are added to
+        the batch's extras (e.g. ``noise=`` for MAE's masking)."""
+        out = self.method(Batch.of(pixel_values, **extras))
         return SSLPreTrainingOutput(loss=out.loss, metrics=out.metrics)
 
     def released_model(self) -> SSLModel:
         """An ``SSLModel`` holding a copy of the released encoder's weights."""
         model = SSLModel(self.config)
-        model.backbone.load_state_dict(self.method.released_backbone.state_dict())
+        model.encoder.load_state_dict(self.method.released_encoder.state_dict())
         return model.to(next(self.parameters()).device)
 
 
@@ -132,6 +184,7 @@ class SSLForImageClassification(SSLPreTrainedModel):
     # The loss is a per-batch mean: ``transformers.Trainer`` must divide it by the gradient accumulation steps itself
     # rather than pass ``num_items_in_batch`` (which ``**kwargs`` in ``forward`` would otherwise announce).
     accepts_loss_kwargs = False
+    _new_keys = ("classifier.",)
 
     def __init__(self, config: SSLConfig):
         super().__init__(config)
@@ -139,6 +192,13 @@ class SSLForImageClassification(SSLPreTrainedModel):
         self.num_labels = config.num_labels
         self.classifier = nn.Linear(self.ssl.num_features, config.num_labels)
         self.post_init()
+
+    @classmethod
+    def from_released_encoder(cls, encoder: SSLModel, config: SSLConfig) -> SSLForImageClassification:
+        """A classifier for ``config`` (its ``num_labels`` / ``id2label``) on the weights of ``encoder``."""
+        model = cls(config)
+        model.ssl.load_state_dict(encoder.state_dict())
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         """The classifier: trunc-normal (std 0.01) weights, zero bias. Done here rather than in ``__init__`` so that
@@ -153,6 +213,20 @@ class SSLForImageClassification(SSLPreTrainedModel):
         logits = self.classifier(features)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+TASKS: dict[str, type[SSLPreTrainedModel]] = {
+    "features": SSLModel,
+    "pretraining": SSLForPreTraining,
+    "classification": SSLForImageClassification,
+}
+
+
+def model_class(task: str) -> type[SSLPreTrainedModel]:
+    """The model class of ``task``: ``"features"``, ``"pretraining"`` or ``"classification"``."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
+    return TASKS[task]
 
 
 AutoConfig.register("sslhub", SSLConfig)

@@ -1,14 +1,16 @@
-"""Method registry and presets (method x timm backbone x defaults), see DESIGN.md §2-3."""
+"""Method registry: methods, presets (method x timm backbone x defaults), pretrained tags and the checkpoint layouts the
+methods declare (DESIGN.md §2-3, §5). Methods register themselves when their module is imported; ``sslhub`` imports
+its own methods and those of installed plugins (``sslhub.methods`` entry points), ``--method-module`` any other."""
 
 from __future__ import annotations
 
 import fnmatch
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sslhub.conversion.keys import CheckpointLayout
     from sslhub.methods.base import SSLMethod
 
 _METHODS: dict[str, type[SSLMethod]] = {}
@@ -68,10 +70,6 @@ class PretrainedTag:
         return self.url.rsplit("/", 1)[-1]
 
 
-def _load_methods() -> None:
-    importlib.import_module("sslhub.methods")
-
-
 def register_method(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
     """Class decorator: make an ``SSLMethod`` available under ``name`` (the paper's id, e.g. ``moco_v2``)."""
 
@@ -100,14 +98,16 @@ def register_pretrained(tag: PretrainedTag) -> PretrainedTag:
 
 
 def get_method(name: str) -> type[SSLMethod]:
-    _load_methods()
     if name not in _METHODS:
-        raise ValueError(f"Unknown method {name!r}. Available methods: {sorted(_METHODS)}")
+        raise ValueError(
+            f"Unknown method {name!r}. Available methods: {sorted(_METHODS)}; a method defined outside sslhub is "
+            "registered by importing its module (`sslhub pretrain --method-module MODULE`, or an `sslhub.methods` "
+            "entry point)"
+        )
     return _METHODS[name]
 
 
 def get_preset(name: str) -> Preset:
-    _load_methods()
     if name not in _PRESETS:
         close = [p for p in _PRESETS if p.split("_")[0] == name.split("_")[0]]
         hint = f" Presets of that method: {sorted(close)}" if close else ""
@@ -117,7 +117,6 @@ def get_preset(name: str) -> Preset:
 
 def get_pretrained(name: str) -> PretrainedTag:
     """The release ``name`` = ``"{preset}.{tag}"``; a preset alone picks its first registered tag (timm's rule)."""
-    _load_methods()
     if name in _PRETRAINED:
         return _PRETRAINED[name]
     preset, _, tag = name.partition(".")
@@ -131,17 +130,25 @@ def get_pretrained(name: str) -> PretrainedTag:
 
 def list_methods() -> list[str]:
     """Registered method ids, e.g. ``['dino', 'mae', 'moco_v2']``."""
-    _load_methods()
     return sorted(_METHODS)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Preset names matching a shell-style ``pattern`` (``'dino_*'``)."""
-    _load_methods()
     return sorted(name for name in _PRESETS if fnmatch.fnmatchcase(name, pattern))
 
 
 def list_pretrained(pattern: str = "*") -> list[str]:
     """``"{preset}.{tag}"`` names of the registered releases matching ``pattern`` (``'dino_*'``)."""
-    _load_methods()
     return sorted(name for name in _PRETRAINED if fnmatch.fnmatchcase(name, pattern))
+
+
+def list_layouts() -> dict[str, CheckpointLayout]:
+    """The checkpoint layouts the registered methods declare (``SSLMethod.checkpoint_layouts``), by name, in the
+    order the methods were registered."""
+    return {layout.name: layout for method in _METHODS.values() for layout in method.checkpoint_layouts}
+
+
+def layout_methods(layout: str) -> list[str]:
+    """The methods whose checkpoints ``layout`` describes (a layout a method inherits counts for it too)."""
+    return sorted(name for name, method in _METHODS.items() if any(x.name == layout for x in method.checkpoint_layouts))

@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from sklearn.metrics import confusion_matrix
 
 from sslhub.files import write_atomically
-from sslhub.hub import accuracy_result, save_model_card, with_section
+from sslhub.hub.cards import accuracy_result, save_model_card, with_section
 
 RESULTS_START = "<!-- sslhub eval results: start -->"
 RESULTS_END = "<!-- sslhub eval results: end -->"

@@ -1,9 +1,12 @@
 """The Accelerate pretraining loop (DESIGN.md §2): one code path for one CPU, many GPUs and ``accelerate launch``.
 
-Optimizer and schedules come from the method's hyperparameters (linear lr scaling with the batch size, linear
-warm-up then cosine or MoCo v1's step schedule, the method's own momentum / temperature / weight-decay schedules);
-checkpoints are Accelerate states written atomically, and ``resume`` continues exactly: data order and augmentations
-are functions of (seed, epoch, sample index), and the RNG, model, optimizer and step are restored.
+The trainer knows methods only through their contract (``sslhub.methods.base``): it feeds the method the ``Batch``es
+its view recipe collates, takes the optimizer from the table of ``sslhub.optim`` and the schedules from the method's
+hyperparameters (lr scaled with the batch size, warm-up then cosine or MoCo v1's step schedule, the method's own
+temperature / weight-decay schedules), updates the method's momentum pairs once per optimizer step, and keeps its
+per-process buffers out of DDP's broadcast and in per-process checkpoint files. Checkpoints are Accelerate states
+written atomically, and ``resume`` continues exactly: data order and augmentations are functions of (seed, epoch,
+sample index), and the RNG, model, optimizer and step are restored.
 """
 
 from __future__ import annotations
@@ -15,63 +18,75 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from sslhub.arguments import none_or_str, option
 from sslhub.configuration import SSLConfig
-from sslhub.data import ImageDataset, load_image_dataset, multi_view_collate
-from sslhub.evaluation import knn_evaluate
+from sslhub.data import ImageDataset, ViewDataset, load_image_dataset
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
-from sslhub.hub import save_model_card
-from sslhub.methods.base import SSLMethod, TrainingProgress
+from sslhub.hub.cards import save_model_card
+from sslhub.methods.base import SSLMethod, TrainingProgress, update_momentum_pairs
 from sslhub.modeling import SSLForPreTraining
-from sslhub.optim import LARS
-from sslhub.transforms import eval_transform
+from sslhub.optim import create_optimizer
+from sslhub.probes import knn_evaluate
 
 DEFAULT_MODEL = "moco_v2_resnet18_32px"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+MAX_WARMUP_FRACTION = 0.25  # the linear warm-up never takes more than this share of a run's optimizer steps
 
 
 @dataclass
 class PretrainArguments:
-    """Everything ``sslhub pretrain`` takes; ``None`` means "the method's default"."""
+    """Everything ``sslhub pretrain`` takes (its flags are generated from these fields); ``None`` means "the method's
+    default"."""
 
-    model: str = DEFAULT_MODEL
-    data: str = "builtin"
-    output_dir: str = "sslhub-output"
-    epochs: int | None = None
-    batch_size: int = 256
-    lr: float | None = None
-    warmup_epochs: float | None = None
-    weight_decay: float | None = None
-    image_size: int | None = None
-    overrides: dict = field(default_factory=dict)  # config fields or method hyperparameters, as create_model
-    seed: int = 0
-    resume: str | None = None
-    num_workers: int = 0
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    max_steps: int | None = None
-    knn_every: int = 1
-    knn_k: int = 20
-    knn_max_train: int = 10000
-    knn_max_test: int = 2000
-    log_every: int = 10
-    log_with: str | None = "tensorboard"
-    image_column: str | None = None
-    label_column: str | None = None
-    progress: bool = True
+    model: str = option(
+        DEFAULT_MODEL, "preset name (`sslhub list`) or an sslhub pretraining checkpoint directory to continue from"
+    )
+    data: str = option("builtin", "'builtin' (scikit-learn digits), 'fashion-mnist', an image folder or HF dataset dir")
+    output_dir: str = option("sslhub-output", "where the models, checkpoints and logs go")
+    epochs: int | None = option(None, "number of epochs (default: the method's)")
+    batch_size: int = option(256, "images per process and step")
+    lr: float | None = option(None, "absolute learning rate (default: the method's base lr scaled to the batch)")
+    warmup_epochs: float | None = option(
+        None, f"linear warm-up epochs (default: the method's; at most {MAX_WARMUP_FRACTION:.0%} of the run)"
+    )
+    weight_decay: float | None = option(None, "weight decay (default: the method's)")
+    image_size: int | None = option(None, "training image size (default: the preset's)")
+    overrides: dict = option({}, "config fields or method hyperparameters, as create_model takes them")
+    seed: int = option(0, "random seed: data order and augmentations are functions of it")
+    resume: str | None = option(
+        None,
+        "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
+        nargs="?",
+        const="latest",
+    )
+    num_workers: int = option(0, "data-loading worker processes")
+    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
+    knn_every: int = option(1, "weighted-kNN monitor every N epochs when the data has labels (0: off)")
+    knn_k: int = option(20, "neighbours of the kNN monitor")
+    knn_max_train: int = option(10000, "at most this many training images in the kNN monitor's memory bank")
+    knn_max_test: int = option(2000, "at most this many kNN monitor queries")
+    log_every: int = option(10, "log the loss every N steps")
+    log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
+    image_column: str | None = option(None, "image column of an HF dataset")
+    label_column: str | None = option(None, "label column of an HF dataset")
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
@@ -121,15 +136,15 @@ def build_model(args: PretrainArguments) -> SSLForPreTraining:
 
 
 def build_optimizer(method: SSLMethod, lr: float) -> torch.optim.Optimizer:
+    """The method's ``optimizer`` (``sslhub.optim.OPTIMIZERS``) over its ``param_groups``."""
     hp = method.hparams
-    groups = method.param_groups()
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=hp.sgd_momentum)
-    if hp.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-    if hp.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=hp.sgd_momentum)
-    raise ValueError(f"Unknown optimizer {hp.optimizer!r} in the hyperparameters of {method.name!r}")
+    return create_optimizer(hp.optimizer, method.param_groups(), lr, momentum=hp.sgd_momentum, betas=hp.betas)
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimizer steps of the linear warm-up: ``warmup_epochs`` epochs, at most ``MAX_WARMUP_FRACTION`` of the run
+    (a short run still spends most of its steps at a useful learning rate)."""
+    return min(round(warmup_epochs * steps_per_epoch), int(MAX_WARMUP_FRACTION * total_steps))
 
 
 def scaled_learning_rate(hparams, images_per_step: int) -> float:
@@ -202,8 +217,11 @@ def resolve_resume(resume: str, output_dir: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep: int) -> None:
-    """Accelerate state into a temporary directory, renamed into place once complete; keeps the newest ``keep``."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, keep: int, write_per_process: Callable | None = None
+) -> None:
+    """Accelerate state into a temporary directory, renamed into place once complete; keeps the newest ``keep``.
+    ``write_per_process(directory)`` runs on every process before the rename (per-process state)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -212,6 +230,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep: 
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if write_per_process is not None:
+        write_per_process(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -257,13 +277,36 @@ def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
     return tracker_config({**asdict(args), **model.config.method_kwargs, "method": model.config.method})
 
 
-def restore_checkpoint(accelerator: Accelerator, resume: str | None, output_dir: str, state) -> None:
+def restore_checkpoint(accelerator: Accelerator, resume: str | None, output_dir: str, state) -> Path | None:
     """Load the Accelerate state ``resume`` names (``"latest"`` in ``output_dir``, or a directory), if any, into the
-    registered objects, ``state`` (with its ``step``) among them."""
+    registered objects, ``state`` (with its ``step``) among them; returns the checkpoint directory."""
     checkpoint = resolve_resume(resume, output_dir) if resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+    return checkpoint
+
+
+def _per_process_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"per_process_{rank}.safetensors"
+
+
+def save_per_process_buffers(method: SSLMethod, directory: Path, rank: int, world_size: int) -> None:
+    """This process's values of the method's ``per_process_buffers`` (e.g. SwAV's queue) into its own file."""
+    tensors = {name: method.get_buffer(name).detach().cpu().contiguous() for name in method.per_process_buffers}
+    save_file(tensors, _per_process_file(directory, rank), metadata={"world_size": str(world_size)})
+
+
+def load_per_process_buffers(method: SSLMethod, directory: Path, rank: int, world_size: int) -> None:
+    """Restore this process's ``per_process_buffers`` from a checkpoint written by as many processes."""
+    path = _per_process_file(directory, rank)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {path.name}: it was written by fewer than {world_size} processes; resume with the "
+            "number of processes that wrote it"
+        )
+    for name, value in load_file(path).items():
+        method.get_buffer(name).copy_(value)
 
 
 def remaining_batches_of_epoch(run, dataset) -> tuple[int, object]:
@@ -306,7 +349,8 @@ class Pretrainer:
         self.dataset = load_image_dataset(
             args.data, "train", image_column=args.image_column, label_column=args.label_column
         )
-        self.dataset.transform, self.dataset.seed = model.method.view_transform(), args.seed
+        recipe = model.method.view_recipe()
+        self.views = ViewDataset(self.dataset, recipe, args.seed)
         global_batch = args.batch_size * self.accelerator.num_processes
         if len(self.dataset) < global_batch:
             raise ValueError(
@@ -314,29 +358,30 @@ class Pretrainer:
                 f"({args.batch_size} per process x {self.accelerator.num_processes}): lower --batch-size"
             )
         loader = DataLoader(
-            self.dataset,
+            self.views,
             batch_size=args.batch_size,
             shuffle=True,
             drop_last=True,
             num_workers=args.num_workers,
-            collate_fn=multi_view_collate,
+            collate_fn=recipe.collate,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(args.seed),  # a new iterator must not draw from the global RNG
         )
-        self.peak_lr = args.lr or scaled_learning_rate(self.hparams, global_batch * args.gradient_accumulation_steps)
+        images_per_step = global_batch * args.gradient_accumulation_steps
+        self.peak_lr = args.lr if args.lr is not None else scaled_learning_rate(self.hparams, images_per_step)
         optimizer = build_optimizer(model.method, self.peak_lr)
+        if model.method.per_process_buffers:  # DDP must not broadcast rank 0's values over them
+            model._ddp_params_and_buffers_to_ignore = [f"method.{name}" for name in model.method.per_process_buffers]
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.method = self.accelerator.unwrap_model(self.model).method
         self.steps_per_epoch = len(self.loader) // args.gradient_accumulation_steps
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.warmup_steps = round(self.hparams.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = warmup_steps(self.hparams.warmup_epochs, self.steps_per_epoch, self.total_steps)
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.state)
         config = self.accelerator.unwrap_model(self.model).config
-        self.monitor = monitor_datasets(
-            args, self.dataset, eval_transform(config.image_size, config.image_mean, config.image_std)
-        )
+        self.monitor = monitor_datasets(args, self.dataset, self.method.eval_transform(config))
         self.losses: list[float] = []
 
     def knn_accuracy(self) -> float | None:
@@ -381,13 +426,13 @@ class Pretrainer:
     def train_epoch(self, bar: tqdm) -> None:
         """Optimizer steps until the end of the current epoch (or ``last_step``), skipping batches already seen."""
         accelerator, state = self.accelerator, self.state
-        epoch, batches = remaining_batches_of_epoch(self, self.dataset)
+        epoch, batches = remaining_batches_of_epoch(self, self.views)
         micro_losses = []
-        for views, _labels in batches:
+        for batch in batches:
             progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
             with accelerator.accumulate(self.model):
                 self.set_schedules(progress)
-                loss = self.model(views).loss
+                loss = self.model(batch).loss
                 accelerator.backward(loss)
                 micro_losses.append(loss.detach())
                 if accelerator.sync_gradients:
@@ -397,6 +442,9 @@ class Pretrainer:
                 self.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            pairs = self.method.momentum_pairs()
+            if pairs:
+                update_momentum_pairs(pairs, self.method.momentum_at(progress))
             self.method.on_step_end(progress)
             self.losses.append(torch.stack(micro_losses).mean().item())
             micro_losses = []
@@ -410,13 +458,22 @@ class Pretrainer:
             if (end_of_epoch and knn_due) or state.step == self.last_step:
                 self.record_knn(bar)
             if state.step % self.args.checkpoint_every == 0 or state.step == self.last_step:
-                save_checkpoint(accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints, self.write_per_process
+                )
             if end_of_epoch or state.step >= self.last_step:
                 return
 
+    def write_per_process(self, directory: Path) -> None:
+        if self.method.per_process_buffers:
+            accelerator = self.accelerator
+            save_per_process_buffers(self.method, directory, accelerator.process_index, accelerator.num_processes)
+
     def run(self) -> PretrainResult:
         args, accelerator, state = self.args, self.accelerator, self.state
-        restore_checkpoint(accelerator, args.resume, args.output_dir, state)
+        checkpoint = restore_checkpoint(accelerator, args.resume, args.output_dir, state)
+        if checkpoint is not None and self.method.per_process_buffers:
+            load_per_process_buffers(self.method, checkpoint, accelerator.process_index, accelerator.num_processes)
         if args.log_with:
             accelerator.init_trackers("sslhub", config=_flat_hparams(args, accelerator.unwrap_model(self.model)))
         if state.step == 0:

@@ -23,3 +23,19 @@ def perturb_(module, prefixes, scale=0.05, seed=1):
     for name, p in module.named_parameters():
         if name.startswith(prefixes):
             p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def assert_params_equal(actual, expected):
+    """Two state dicts with the same keys and values."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+def assert_released_is(model, released, other):
+    """``model`` releases the module ``released`` (not ``other``, perturbed to differ from it beforehand)."""
+    assert model.method.released_encoder is released
+    released_state = model.released_model().encoder.state_dict()
+    assert_params_equal(released_state, released.state_dict())
+    other_state = other.state_dict()
+    assert any(not torch.equal(value, other_state[name]) for name, value in released_state.items())

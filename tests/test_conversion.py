@@ -25,10 +25,11 @@ from torch import nn
 
 import sslhub
 from sslhub.cli import main as cli_main
-from sslhub.conversion.convert import convert_checkpoint
-from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.convert import convert_checkpoint, read_checkpoint
+from sslhub.conversion.layouts import all_layouts, detect_layout, get_layout
+from sslhub.conversion.loading import CheckpointError, load_file_state
 from sslhub.conversion.pretrained import release_source
-from sslhub.registry import get_pretrained
+from sslhub.registry import get_preset, get_pretrained, layout_methods, list_layouts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -374,6 +375,8 @@ def test_dino_full_checkpoint_gives_teacher_student_heads_and_center(tmp_path):
     released = convert_checkpoint("dino_vit_tiny_patch4_32px", path)  # features = the teacher backbone
     with torch.no_grad():
         assert torch.allclose(released(images).last_hidden_state, teacher_tokens, atol=1e-6)
+    with pytest.raises(CheckpointError, match="is a 'dino_full' checkpoint of dino, not of 'moco_v3'"):
+        convert_checkpoint("moco_v3_vit_tiny_patch4_32px", path)  # same ViT-Tiny/4, another method's file
 
 
 # ---- XCiT: the authors' names differ from timm's ----------------------------------------------------------------
@@ -464,6 +467,48 @@ def test_unreadable_and_unrecognised_files(tmp_path):
         convert_checkpoint("dino_vit_small_patch16_224", tmp_path / "nothing.pth")
 
 
+# ---- layouts are declared by the methods ------------------------------------------------------------------------
+def test_layouts_are_declared_by_the_methods_and_detected(moco_v2_file):
+    layouts = list_layouts()
+    assert {"moco", "moco_v3", "dino_full", "mae", "vit_mae"} <= set(layouts)
+    assert layout_methods("moco") == ["moco_v1", "moco_v2"]  # MoCo v1 inherits MoCo v2's layout
+    assert layout_methods("dino_full") == ["dino"] and layout_methods("vit_mae") == ["mae"]
+    assert layouts["vit_mae"].hf_model_types == ("vit_mae",)
+    assert get_layout("moco") is layouts["moco"]
+    assert get_layout("backbone").name == "backbone" and layout_methods("backbone") == []  # generic: no owner
+    with pytest.raises(CheckpointError, match="unknown layout 'mocco'"):
+        get_layout("mocco")
+    path, _ = moco_v2_file
+    assert detect_layout(load_file_state(path)) is layouts["moco"]
+    assert read_checkpoint(path).layout == "moco"
+    for name in sslhub.list_pretrained():  # every release names a layout that converts into its method
+        tag = get_pretrained(name)
+        assert tag.layout in all_layouts(), name
+        assert tag.layout == "backbone" or get_preset(tag.preset).method in layout_methods(tag.layout), name
+
+
+MOCO_FOR_DINO = (
+    r"is a 'moco' checkpoint of moco_v1, moco_v2, not of 'dino': choose a preset of moco_v1, moco_v2 \(`sslhub list`\)"
+)
+
+
+@pytest.mark.parametrize("layout", [None, "moco"], ids=["detected", "given"])
+@pytest.mark.parametrize("task", ["features", "pretraining"])
+def test_a_training_checkpoint_of_another_method_is_refused(layout, task, moco_v2_file):
+    path, _ = moco_v2_file
+    with pytest.raises(CheckpointError, match=MOCO_FOR_DINO):
+        convert_checkpoint("dino_resnet50", path, task=task, layout=layout)
+
+
+def test_cli_convert_with_the_layout_of_another_method_writes_nothing(tmp_path, moco_v2_file, capsys):
+    path, _ = moco_v2_file
+    output = tmp_path / "converted"
+    args = ["convert", "--model", "dino_resnet50", "--checkpoint", str(path), "--layout", "moco"]
+    assert cli_main([*args, "--output", str(output)]) == 2
+    assert "not of 'dino'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # ---- one line: create_model("preset.tag", pretrained=True) --------------------------------------------------------
 @pytest.fixture
 def sslhub_cache(tmp_path, monkeypatch):
@@ -491,7 +536,9 @@ def test_pretrained_release_is_converted_once_then_loaded_from_the_cache(
     classifier = sslhub.create_model(
         "dino_vit_small_patch16_224.in1k", task="classification", pretrained=True, pretrained_path=path, num_labels=5
     )
-    assert torch.equal(classifier.ssl.backbone.blocks[5].attn.qkv.weight, vit_small_state["blocks.5.attn.qkv.weight"])
+    assert torch.equal(
+        classifier.ssl.encoder.backbone.blocks[5].attn.qkv.weight, vit_small_state["blocks.5.attn.qkv.weight"]
+    )
 
 
 def test_pretrained_dir_env_and_offline_errors(tmp_path, sslhub_cache, monkeypatch):
@@ -501,7 +548,7 @@ def test_pretrained_dir_env_and_offline_errors(tmp_path, sslhub_cache, monkeypat
         sslhub.create_model("dino_resnet50.in1k", pretrained=True)
     monkeypatch.setenv("SSLHUB_PRETRAINED_DIR", str(tmp_path))
     model = sslhub.create_model("dino_resnet50.in1k", pretrained=True)
-    assert torch.equal(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert torch.equal(model.encoder.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
     with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
         sslhub.create_model("mae_vit_base_patch16_224.in1k", pretrained=True)
     with pytest.raises(ValueError, match="No pretrained weights are registered as 'dino_resnet50.in22k'"):
@@ -519,7 +566,7 @@ def test_cli_convert_and_list_pretrained(tmp_path, vit_small_state, capsys):
         == 0
     )
     loaded = sslhub.from_pretrained(output)
-    assert torch.equal(loaded.backbone.pos_embed, vit_small_state["pos_embed"])
+    assert torch.equal(loaded.encoder.backbone.pos_embed, vit_small_state["pos_embed"])
     assert (output / "README.md").is_file()
     assert cli_main(["list", "--pretrained", "dino_*"]) == 0
     listed = capsys.readouterr().out

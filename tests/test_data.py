@@ -1,4 +1,5 @@
-"""Data sources, image-mode conversion, deterministic views and the multi-view collate."""
+"""Data sources, image-mode conversion, deterministic views (``ViewDataset`` samples) and their collation into a
+``Batch``."""
 
 import gzip
 import random
@@ -12,16 +13,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from sslhub.batch import Batch, Sample, collate_samples
 from sslhub.data import (
     DatasetNotFoundError,
     ImageDataset,
+    ViewDataset,
     dataset_fingerprint,
     labelled_splits,
     load_image_dataset,
-    multi_view_collate,
     to_rgb,
+    view_seed,
 )
-from sslhub.transforms import two_view_moco_v2
+from sslhub.methods.moco import moco_views
+from sslhub.transforms import ViewRecipe, Views, view
 
 
 def noise_images(count: int, size: int = 24) -> list[Image.Image]:
@@ -67,30 +71,51 @@ def test_other_modes_become_rgb():
     }
 
 
+def two_views(size: int = 16):
+    """MoCo v2's recipe (two independent draws of crop, jitter, grayscale, blur, flip) with mean = std = 0.5."""
+    return moco_views(size, (0.5,) * 3, (0.5,) * 3, (0.2, 1.0), aug_plus=True)
+
+
 def test_views_are_a_function_of_seed_epoch_and_index():
-    dataset = ImageDataset(noise_images(3), transform=two_view_moco_v2(16, (0.5,) * 3, (0.5,) * 3), seed=7)
+    dataset = ViewDataset(ImageDataset(noise_images(3)), two_views(), seed=7)
     torch_before, python_before = torch.get_rng_state(), random.getstate()
-    first = dataset[1][0]
+    sample = dataset[1]
     assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == python_before
+    assert isinstance(sample, Sample) and (sample.index, sample.label, sample.extras) == (1, None, {})
+    assert sample.seed == view_seed(7, 0, 1)
+    first = sample.views
     assert first[0].shape == first[1].shape == (3, 16, 16) and not torch.equal(first[0], first[1])
     torch.manual_seed(123)  # the global RNG must not matter
     random.seed(123)
-    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1][0], strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(first, dataset[-2][0], strict=True))
-    assert not torch.equal(dataset[2][0][0], first[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1].views, strict=True))
+    assert dataset[-2].index == 1 and all(torch.equal(a, b) for a, b in zip(first, dataset[-2].views, strict=True))
+    assert not torch.equal(dataset[2].views[0], first[0])
     dataset.set_epoch(1)
-    assert not torch.equal(dataset[1][0][0], first[0])
+    assert not torch.equal(dataset[1].views[0], first[0]) and dataset[1].seed == view_seed(7, 1, 1)
     dataset.set_epoch(0)
-    dataset.seed = 8
-    assert not torch.equal(dataset[1][0][0], first[0])
+    assert not torch.equal(ViewDataset(ImageDataset(noise_images(3)), two_views(), seed=8)[1].views[0], first[0])
+    # the same draws as the ImageDataset of one view transform: the recipe runs under the same seeded RNGs
+    single = ImageDataset(noise_images(3), transform=two_views().transforms[0], seed=7)
+    assert torch.equal(single[1][0], first[0])
+
+
+def test_view_dataset_carries_labels_and_leaves_the_images_untouched():
+    images = ImageDataset(noise_images(3), [2, 0, 1], ["a", "b", "c"])
+    dataset = ViewDataset(images, two_views(), seed=3)
+    assert len(dataset) == 3 and [dataset[i].label for i in range(3)] == [2, 0, 1]
+    assert images.transform is None and images.seed == 0 and images[0][0].mode == "RGB"
 
 
 def test_views_do_not_depend_on_dataloader_workers():
-    dataset = ImageDataset(noise_images(4), transform=two_view_moco_v2(16, (0.5,) * 3, (0.5,) * 3))
+    recipe = two_views()
+    dataset = ViewDataset(ImageDataset(noise_images(4)), recipe)
     dataset.set_epoch(3)
-    in_process = [dataset[i][0] for i in range(4)]
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=multi_view_collate)
-    from_workers = [view for views, _ in loader for view in zip(*views, strict=True)]
+    in_process = [dataset[i].views for i in range(4)]
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=recipe.collate)
+    batches = list(loader)
+    assert all(isinstance(batch, Batch) for batch in batches)
+    assert torch.cat([batch.index for batch in batches]).tolist() == [0, 1, 2, 3]
+    from_workers = [views for batch in batches for views in zip(*batch.views, strict=True)]
     assert all(torch.equal(a[v], b[v]) for a, b in zip(in_process, from_workers, strict=True) for v in (0, 1))
 
 
@@ -203,15 +228,46 @@ def test_hf_imagefolder_with_metadata_and_string_labels(tmp_path, pictures, monk
     assert dataset[1][0].getpixel((0, 0)) == (40, 0, 0)
 
 
-def test_multi_view_collate_stacks_each_view_position():
-    batch = [
-        ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1),
-        ([torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 5),
+def test_collate_stacks_each_view_position_and_carries_index_labels_and_extras():
+    samples = [
+        Sample(3, [torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 1, {"rotation": 2, "mask": torch.tensor([True, False])}),
+        Sample(7, [torch.ones(3, 4, 4), torch.zeros(3, 2, 2)], 5, {"rotation": 0, "mask": torch.tensor([False, True])}),
     ]
-    views, labels = multi_view_collate(batch)
-    assert [v.shape for v in views] == [(2, 3, 4, 4), (2, 3, 2, 2)]
-    assert views[0][1].eq(1).all() and views[1][1].eq(0).all() and views[0][0].eq(0).all()
-    assert labels.dtype == torch.long and labels.tolist() == [1, 5]
+    batch = ViewRecipe().collate(samples)
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert [v.shape for v in batch.views] == [(2, 3, 4, 4), (2, 3, 2, 2)]
+    assert batch.views[0][1].eq(1).all() and batch.views[1][1].eq(0).all() and batch.views[0][0].eq(0).all()
+    assert batch.labels.dtype == torch.long and batch.labels.tolist() == [1, 5]
+    assert batch.index.dtype == torch.long and batch.index.tolist() == [3, 7]
+    assert batch.extras["rotation"].tolist() == [2, 0]
+    assert batch.extras["mask"].tolist() == [[True, False], [False, True]]
+    unlabelled = [Sample(0, [torch.zeros(3, 2, 2)], None), Sample(1, [torch.zeros(3, 2, 2)], 4)]
+    assert collate_samples(unlabelled).labels is None and collate_samples(unlabelled).extras == {}
+    with pytest.raises(ValueError, match="same number of views"):
+        collate_samples([Sample(0, [torch.zeros(3, 2, 2)]), Sample(1, [torch.zeros(3, 2, 2)] * 2)])
+
+
+class QuarterTurns(ViewRecipe):
+    """A recipe with extras: one view turned by a random multiple of 90 degrees, the number of turns as the extra."""
+
+    def __init__(self):
+        self.to_tensor = view(mean=(0.0,) * 3, std=(1.0,) * 3)
+
+    def make_views(self, image) -> Views:
+        turns = int(torch.randint(4, ()))
+        return Views([torch.rot90(self.to_tensor(image), turns, dims=(1, 2))], {"turns": turns})
+
+
+def test_recipe_extras_travel_from_the_dataset_to_the_batch():
+    dataset = ViewDataset(ImageDataset(noise_images(6, size=8), [0, 1, 0, 1, 0, 1]), QuarterTurns(), seed=1)
+    recipe = QuarterTurns()
+    batch = next(iter(DataLoader(dataset, batch_size=6, collate_fn=recipe.collate)))
+    turns = [dataset[i].extras["turns"] for i in range(6)]
+    assert batch.extras["turns"].tolist() == turns and len(set(turns)) > 1
+    assert batch.labels.tolist() == [0, 1, 0, 1, 0, 1] and batch.index.tolist() == list(range(6))
+    plain = ImageDataset(noise_images(6, size=8), transform=view(mean=(0.0,) * 3, std=(1.0,) * 3))
+    for i in range(6):
+        assert torch.equal(batch.views[0][i], torch.rot90(plain[i][0], turns[i], dims=(1, 2)))
 
 
 def class_folder(root, counts: dict[str, int], size: int = 8):

@@ -19,10 +19,12 @@ from PIL import Image
 from torch import nn
 
 import sslhub
+from sslhub.batch import Batch, Sample
 from sslhub.conversion.convert import convert_checkpoint
 from sslhub.losses import ibot_patch_cross_entropy, koleo_loss, multi_crop_cross_entropy, sinkhorn_knopp
 from sslhub.masking import BlockMaskingGenerator, sample_ibot_masks
 from sslhub.methods import TrainingProgress
+from sslhub.methods.base import update_momentum_pairs
 from sslhub.methods.dinov2 import masked_forward_features
 from sslhub.registry import get_preset, get_pretrained
 from sslhub.training import PretrainArguments, pretrain
@@ -174,7 +176,7 @@ def test_ibot_masks_mask_half_of_the_images_with_ratios_in_bounds(gen):
 # ---- the objective ------------------------------------------------------------------------------------------------
 def test_mask_token_replaces_exactly_the_masked_patch_embeddings(gen):
     method = build().eval()  # no drop path
-    vit = method.student["backbone"]
+    vit = method.student["encoder"].backbone
     with torch.no_grad():
         method.mask_token.normal_(generator=gen)
     x, masks = images(2, 3, 32, 32), torch.rand(2, 64, generator=gen) < 0.3
@@ -201,15 +203,15 @@ def test_loss_is_weighted_dino_koleo_and_ibot_on_masked_patches(separate):
     global_crops = torch.cat(views[:2])
     masks = method.sample_masks(global_crops, torch.Generator().manual_seed(3))
     assert masks.any() and not masks.all()
-    out = method(views, masks=masks)
+    out = method(Batch.of(views, masks=masks))
 
     ibot_head = "ibot_head" if separate else "dino_head"
     with torch.no_grad():
-        teacher = method.teacher["backbone"].forward_features(global_crops)
+        teacher = method.teacher["encoder"].forward_features(global_crops)
         teacher_cls = sinkhorn_knopp(method.teacher["dino_head"](teacher[:, 0]), 0.05)
         teacher_patches = sinkhorn_knopp(method.teacher[ibot_head](teacher[:, 1:][masks]), 0.05)
-        student = masked_forward_features(method.student["backbone"], global_crops, masks, method.mask_token)
-        local = method.student["backbone"].forward_features(torch.cat(views[2:]))[:, 0]
+        student = masked_forward_features(method.student["encoder"].backbone, global_crops, masks, method.mask_token)
+        local = method.student["encoder"].forward_features(torch.cat(views[2:]))[:, 0]
         student_cls = method.student["dino_head"](torch.cat([student[:, 0], local]))
         student_patches = method.student[ibot_head](student[:, 1:])[masks]  # all patches, then the masked ones
     dino = multi_crop_cross_entropy(student_cls.chunk(4), teacher_cls.chunk(2), 0.1)
@@ -222,19 +224,22 @@ def test_loss_is_weighted_dino_koleo_and_ibot_on_masked_patches(separate):
 
 
 def test_teacher_momentum_schedule_and_ema(gen):
+    """Teacher ← m teacher + (1 - m) student over the backbone and the heads (``update_teacher``), m on a cosine from
+    ``momentum_teacher`` to 1, applied by the trainer after each optimizer step with ``momentum_at``; the mask token
+    has no teacher copy."""
     method = build(momentum_teacher=0.9)
     at = progress(epoch=20, step_in_epoch=3)
-    method.on_step_start(at)
+    m = method.momentum_at(at)
     expected = 1 - (1 - 0.9) * (1 + math.cos(math.pi * at.step / at.total_steps)) / 2
-    assert method.teacher_momentum == pytest.approx(expected)
+    assert m == pytest.approx(expected)
     with torch.no_grad():
         for param in method.student.parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=gen))
     student = {k: v.clone() for k, v in method.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     mask_token = method.mask_token.detach().clone()
+    update_momentum_pairs(method.momentum_pairs(), m)
     method.on_step_end(at)
-    m = method.teacher_momentum
     for key, value in method.teacher.state_dict().items():
         torch.testing.assert_close(value, m * teacher[key] + (1 - m) * student[key], msg=key)
     assert all(torch.equal(v, student[k]) for k, v in method.student.state_dict().items())
@@ -252,9 +257,11 @@ def test_teacher_temperature_warms_up_linearly_per_iteration():
 
 def test_gradients_clipped_per_student_module_and_last_layers_frozen_in_epoch_one():
     method = build(ibot_separate_head=True, clip_grad=1e-3).train()
-    method(dinov2_views(), generator=torch.Generator().manual_seed(0)).loss.backward()
+    views = dinov2_views()
+    masks = method.sample_masks(torch.cat(views[:2]), torch.Generator().manual_seed(0))
+    method(Batch.of(views, masks=masks)).loss.backward()
     modules = {
-        "backbone": [*method.student["backbone"].parameters(), method.mask_token],
+        "backbone": [*method.student["encoder"].parameters(), method.mask_token],
         "dino_head": list(method.student["dino_head"].parameters()),
         "ibot_head": list(method.student["ibot_head"].parameters()),
     }
@@ -270,7 +277,7 @@ def test_gradients_clipped_per_student_module_and_last_layers_frozen_in_epoch_on
     for head in ("dino_head", "ibot_head"):
         assert all(p.grad is None for p in method.student[head].last_layer.parameters())
         assert all(p.grad is not None for p in method.student[head].mlp.parameters())
-    assert all(p.grad is not None for p in method.student["backbone"].parameters())
+    assert all(p.grad is not None for p in method.student["encoder"].parameters())
 
 
 def test_param_groups_layerwise_lr_decay_and_no_decay_rules():
@@ -279,7 +286,7 @@ def test_param_groups_layerwise_lr_decay_and_no_decay_rules():
     assigned = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     trainable = [p for p in method.parameters() if p.requires_grad]
     assert len(assigned) == sum(len(g["params"]) for g in groups) == len(trainable)  # each once, no teacher
-    vit, depth = method.student["backbone"], 2
+    vit, depth = method.student["encoder"].backbone, 2
     expected = {
         vit.cls_token: (0.5**3, 0.04),
         vit.pos_embed: (0.5**3, 0.04),
@@ -304,8 +311,9 @@ def test_released_encoder_is_the_teacher_backbone_in_timm_format(gen):
     with torch.no_grad():
         for param in model.method.teacher.parameters():
             param.add_(torch.randn(param.shape, generator=gen))
-    released = model.released_model().backbone.state_dict()
-    teacher = model.method.teacher["backbone"].state_dict()
+    assert model.method.released_encoder is model.method.teacher["encoder"]
+    released = model.released_model().encoder.backbone.state_dict()
+    teacher = model.method.teacher["encoder"].backbone.state_dict()
     assert released.keys() == teacher.keys()
     assert all(torch.equal(released[k], teacher[k]) for k in teacher)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2, init_values=1)
@@ -315,9 +323,23 @@ def test_released_encoder_is_the_teacher_backbone_in_timm_format(gen):
 
 def test_views_are_two_global_and_eight_local_crops_of_patch_multiples():
     method = build()
-    views = method.view_transform()(Image.new("RGB", (40, 40), (120, 30, 200)))
+    views = method.view_recipe()(Image.new("RGB", (40, 40), (120, 30, 200))).views
     assert [tuple(v.shape[-2:]) for v in views] == [(32, 32)] * 2 + [(12, 12)] * 8
     assert build(global_crops_size=224).crop_sizes() == (224, 96)
+
+
+def test_collate_adds_the_block_masks_of_half_of_the_global_crops_to_the_extras():
+    """``collate_data_and_cast``: masks (2B, L) of the global crops, half of them masked, drawn from the samples' seeds
+    (the same batch gets the same masks)."""
+    recipe = build(local_crops_number=2).view_recipe()
+    image = Image.new("RGB", (40, 40), (120, 30, 200))
+    samples = [Sample(i, recipe(image).views, seed=i) for i in range(BATCH)]
+    batch = recipe.collate(samples)
+    masks = batch.extras["masks"]
+    assert masks.shape == (2 * BATCH, 64) and masks.dtype == torch.bool
+    assert (masks.sum(dim=1) > 0).sum() == BATCH
+    assert torch.equal(recipe.collate(samples).extras["masks"], masks)
+    assert [tuple(v.shape) for v in batch.views] == [(BATCH, 3, 32, 32)] * 2 + [(BATCH, 3, 12, 12)] * 2
 
 
 def test_short_pretraining_run(tmp_path):
@@ -336,8 +358,8 @@ def test_short_pretraining_run(tmp_path):
     )
     assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
     reloaded = sslhub.from_pretrained(str(tmp_path))
-    teacher = result.model.method.teacher["backbone"].state_dict()
-    assert all(torch.equal(v, teacher[k]) for k, v in reloaded.backbone.state_dict().items())
+    teacher = result.model.method.teacher["encoder"].backbone.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in reloaded.encoder.backbone.state_dict().items())
 
 
 # ---- official releases --------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_export_transformers_mae_gives_the_same_loss_and_tokens(tmp_path, images
 
 
 def test_export_transformers_of_a_resnet_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no transformers-native class for resnet18.*use export_timm"):
+    with pytest.raises(ValueError, match=r"no transformers class for resnet18.*use `sslhub export --format timm`"):
         export.export_transformers(sslhub.create_model("moco_v2_resnet18_32px"), tmp_path / "hf")
     assert not any(tmp_path.iterdir())
 

@@ -1,6 +1,7 @@
 """Fine-tuning: layer-wise lr decay, mixup / label smoothing, learning, exact resume, model loading, the CLI and
 ``transformers.Trainer``."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import Trainer, TrainingArguments
 
 import sslhub
+from sslhub.arguments import dataclass_values
+from sslhub.cli import build_parser
 from sslhub.cli import main as cli_main
 from sslhub.finetune import (
     FinetuneArguments,
@@ -57,13 +60,13 @@ def test_layer_decay_scales_follow_beit_and_mae():
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
     by_name = _groups_by_name(model, groups)
     expected = {  # name: (lr scale, weight decay)
-        "ssl.backbone.patch_embed.proj.weight": (0.65**3, 0.05),
-        "ssl.backbone.cls_token": (0.65**3, 0.0),
-        "ssl.backbone.pos_embed": (0.65**3, 0.0),
-        "ssl.backbone.blocks.0.attn.qkv.weight": (0.65**2, 0.05),
-        "ssl.backbone.blocks.1.mlp.fc2.weight": (0.65, 0.05),
-        "ssl.backbone.blocks.1.norm1.bias": (0.65, 0.0),
-        "ssl.backbone.norm.weight": (0.65, 0.0),
+        "ssl.encoder.backbone.patch_embed.proj.weight": (0.65**3, 0.05),
+        "ssl.encoder.backbone.cls_token": (0.65**3, 0.0),
+        "ssl.encoder.backbone.pos_embed": (0.65**3, 0.0),
+        "ssl.encoder.backbone.blocks.0.attn.qkv.weight": (0.65**2, 0.05),
+        "ssl.encoder.backbone.blocks.1.mlp.fc2.weight": (0.65, 0.05),
+        "ssl.encoder.backbone.blocks.1.norm1.bias": (0.65, 0.0),
+        "ssl.encoder.backbone.norm.weight": (0.65, 0.0),
         "classifier.weight": (1.0, 0.05),
         "classifier.bias": (1.0, 0.0),
     }
@@ -74,8 +77,8 @@ def test_layer_decay_scales_follow_beit_and_mae():
     flat = _groups_by_name(cnn, param_groups(cnn, weight_decay=0.05, layer_decay=1.0))
     assert {group.get("lr_scale", 1.0) for group in flat.values()} == {1.0}
     assert (
-        flat["ssl.backbone.conv1.weight"]["weight_decay"] == 0.05
-        and flat["ssl.backbone.bn1.weight"]["weight_decay"] == 0
+        flat["ssl.encoder.backbone.conv1.weight"]["weight_decay"] == 0.05
+        and flat["ssl.encoder.backbone.bn1.weight"]["weight_decay"] == 0
     )
 
 
@@ -84,14 +87,14 @@ def test_vit_finetuner_applies_recipe_defaults(image_folder, shallow_vit, tmp_pa
     trainer = Finetuner(tiny_args(image_folder, tmp_path, model=str(shallow_vit), lr=None))
     assert trainer.layer_decay == 0.65 and trainer.peak_lr == pytest.approx(5e-4 * 8 / 256)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    blocks = model.ssl.backbone.blocks
+    blocks = model.ssl.encoder.backbone.blocks
     assert isinstance(blocks[-1].drop_path1, DropPath) and blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert model.config.id2label == {0: "squares", 1: "stripes"}
     step = trainer.warmup_steps + 1
     trainer.set_learning_rate(step)
     lr = learning_rate_at(step, trainer.total_steps, trainer.warmup_steps, trainer.peak_lr, 1e-6)
     by_name = _groups_by_name(model, trainer.optimizer.param_groups)
-    assert by_name["ssl.backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(lr * 0.65**3)
+    assert by_name["ssl.encoder.backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(lr * 0.65**3)
     assert by_name["classifier.weight"]["lr"] == pytest.approx(lr)
 
 
@@ -149,6 +152,29 @@ def test_finetuning_lowers_loss_and_beats_chance(image_folder, tmp_path):
     assert result.top1 >= 0.8 and result.top1 > result.history[0][1]  # 2 classes: chance is 0.5
 
 
+def test_default_warmup_of_a_short_run_reaches_the_peak_learning_rate(image_folder, tmp_path, monkeypatch):
+    """MAE's 5 warm-up epochs on a 2-epoch run of 4 steps an epoch: the warm-up is capped at a quarter of the run (2 of
+    8 steps), so the learning rate reaches its peak and the model learns. Uncapped (20 steps), it never got past 35 %
+    of the peak and the model stayed at chance."""
+    learning_rates = []
+    set_learning_rate = Finetuner.set_learning_rate
+
+    def recording(self, step):
+        set_learning_rate(self, step)
+        learning_rates.append([group["lr"] for group in self.optimizer.param_groups])
+
+    monkeypatch.setattr(Finetuner, "set_learning_rate", recording)
+    args = tiny_args(image_folder, tmp_path, mixup=0, cutmix=0, auto_augment=None, reprob=0)
+    assert (args.warmup_epochs, args.epochs, args.lr) == (5.0, 2, 1e-3)  # the default warm-up
+    result = finetune(args)
+    assert result.steps == 8 and len(learning_rates) == 8
+    assert all(len(set(rates)) == 1 for rates in learning_rates)  # a CNN: no layer decay
+    lrs = [rates[0] for rates in learning_rates]
+    assert lrs[:3] == [0.0, pytest.approx(0.5e-3), pytest.approx(1e-3)] and max(lrs) == pytest.approx(1e-3)
+    assert all(later < earlier for earlier, later in zip(lrs[2:], lrs[3:], strict=False))  # then the cosine
+    assert result.top1 > 0.5  # 2 classes: chance is 0.5; measured 0.7 (0.5 with the uncapped warm-up)
+
+
 def test_resume_continues_exactly(image_folder, shallow_vit, tmp_path):
     """Drop path (torch RNG), mixup / cutmix (numpy) and RandAugment on: a run cut mid-epoch and resumed gives the
     losses and weights of the uninterrupted one."""
@@ -170,13 +196,14 @@ def test_load_classifier_from_each_kind_of_checkpoint(tmp_path, monkeypatch):
     encoder.save_pretrained(tmp_path / "encoder")
     model = load_classifier(str(tmp_path / "encoder"), classes)
     assert model.config.label2id == {"a": 0, "b": 1, "c": 2} and model.classifier.out_features == 3
-    assert torch.equal(model.ssl.backbone.conv1.weight, encoder.backbone.conv1.weight)
+    assert torch.equal(model.ssl.encoder.backbone.conv1.weight, encoder.encoder.backbone.conv1.weight)
     assert 0.005 < model.classifier.weight.std() < 0.02 and not model.classifier.bias.any()  # initialised, not empty
     pretraining = sslhub.create_model(CNN, task="pretraining", queue_size=64)
     pretraining.save_pretrained(tmp_path / "pretraining")
     model = load_classifier(str(tmp_path / "pretraining"), classes)
-    released = pretraining.released_model().backbone.state_dict()
-    assert all(torch.equal(value, released[key]) for key, value in model.ssl.backbone.state_dict().items())
+    released = pretraining.released_model().encoder.state_dict()
+    assert model.ssl.encoder.state_dict().keys() == released.keys()
+    assert all(torch.equal(value, released[key]) for key, value in model.ssl.encoder.state_dict().items())
     model.save_pretrained(tmp_path / "classifier")
     again = load_classifier(str(tmp_path / "classifier"), ["x", "y"])  # another label set: a new classifier
     assert again.classifier.out_features == 2 and torch.isfinite(again.classifier.weight).all()
@@ -186,7 +213,7 @@ def test_load_classifier_from_each_kind_of_checkpoint(tmp_path, monkeypatch):
         calls.append((name, task, overrides))
         return sslhub.create_model(name.partition(".")[0], task=task, **overrides)
 
-    monkeypatch.setattr("sslhub.conversion.pretrained.load_pretrained", fake_release)
+    monkeypatch.setattr("sslhub.factory.load_pretrained", fake_release)  # the download, stubbed
     model = load_classifier(f"{CNN}.in1k", classes, drop_path=0.1)
     assert calls[0][:2] == (f"{CNN}.in1k", "classification") and calls[0][2]["backbone_kwargs"]["drop_path_rate"] == 0.1
     with pytest.warns(UserWarning, match="random initialisation"):
@@ -223,6 +250,25 @@ def test_cli_finetunes_a_checkpoint_and_writes_report_and_card(image_folder, sha
     assert "fine-tuned top-1" in card and f"{100 * metrics['top1']:.2f}%" in card
     model = sslhub.from_pretrained(out)
     assert type(model) is sslhub.SSLForImageClassification and model.config.id2label[1] == "stripes"
+
+
+def test_cli_flags_are_the_fields_of_finetune_arguments(capsys):
+    """``sslhub finetune`` has one flag per ``FinetuneArguments`` field, with the field's default."""
+    ns = build_parser().parse_args(["finetune", "--model", "m", "--data", "d"])
+    assert FinetuneArguments(**dataclass_values(ns, FinetuneArguments)) == FinetuneArguments(model="m", data="d")
+    argv = ["finetune", "--model", "m", "--data", "d", "--auto-augment", "none", "--log-with", "None", "--resume"]
+    ns = build_parser().parse_args([*argv, "--no-progress", "--warmup-epochs", "0.5", "--lr", "2e-3"])
+    parsed = FinetuneArguments(**dataclass_values(ns, FinetuneArguments))
+    assert (parsed.auto_augment, parsed.log_with, parsed.resume, parsed.progress) == (None, None, "latest", False)
+    assert (parsed.warmup_epochs, parsed.lr) == (0.5, 2e-3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--data", "d"])  # --model is required
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["finetune", "--help"])
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0
+    for field in dataclasses.fields(FinetuneArguments):
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
 
 
 class _TwoBlobs(torch.utils.data.Dataset):

@@ -9,12 +9,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from sslhub.conversion.convert import convert_checkpoint, read_checkpoint
+from sslhub.conversion.convert import convert_checkpoint, read_checkpoint, read_hf_directory
 from sslhub.conversion.hf_transformers import (
     ConversionError,
-    convert_hf_directory,
+    convert_hf_encoder,
     dinov2_from_transformers,
     dinov2_timm_model,
+    hf_encoder_state,
     mae_decoder_from_transformers,
     mae_decoder_kwargs,
     mae_to_transformers,
@@ -233,7 +234,7 @@ def test_wrong_shapes_and_sizes_give_clear_errors(tmp_path):
     with pytest.raises(
         CheckpointError, match="DIR: sslhub reads transformers vit, vit_mae and dinov2 models, not 'beit'"
     ):
-        convert_hf_directory(state, {**config, "model_type": "beit"}, source="DIR")
+        convert_hf_encoder(state, {**config, "model_type": "beit"}, source="DIR")
 
 
 VIT_TINY_32PX = dict(  # sslhub's *_vit_tiny_patch4_32px presets: timm vit_tiny_patch16_224 at 32 px with 4 px patches
@@ -255,10 +256,16 @@ def test_a_transformers_dino_directory_converts_to_an_sslhub_encoder(tmp_path):
     with torch.no_grad():
         expected = hf_model(pixels).last_hidden_state
         assert max_relative_error(model(pixels).last_hidden_state, expected) <= TOLERANCE
-    assert read_checkpoint(tmp_path).left_out == [
+    converted = read_checkpoint(tmp_path)
+    assert converted.left_out == [
         "pooler.dense.bias (pooler (ViTModel's dense + tanh on the class token; not part of the encoder))",
         "pooler.dense.weight (pooler (ViTModel's dense + tanh on the class token; not part of the encoder))",
     ]
+    assert (converted.layout, converted.method, converted.method_encoders) == ("transformers vit", None, None)
+    state, config = hub_files(hf_model, tmp_path)
+    backbone, ignored = hf_encoder_state(state, config, str(tmp_path))
+    assert backbone.keys() == converted.backbone.keys() and set(ignored) == {"pooler.dense.bias", "pooler.dense.weight"}
+    assert all(torch.equal(backbone[key], value) for key, value in converted.backbone.items())
 
 
 def test_a_transformers_mae_directory_converts_to_an_sslhub_mae_with_the_same_loss(tmp_path):
@@ -277,3 +284,22 @@ def test_a_transformers_mae_directory_converts_to_an_sslhub_mae_with_the_same_lo
     with torch.no_grad():
         expected = hf_model(pixels, noise=noise).loss
         assert max_relative_error(model([pixels], noise=noise).loss, expected) <= TOLERANCE
+    converted = read_hf_directory(tmp_path)  # the MAE objective's layout, not the encoder alone
+    assert converted.layout == "vit_mae" and converted.method.keys() == {
+        f"decoder.{key}" for key in model.method.decoder.state_dict()
+    }
+    assert converted.method_overrides["decoder_embed_dim"] == 128 and converted.method_overrides["mask_ratio"] == 0.75
+    with pytest.raises(CheckpointError, match="is a 'vit_mae' checkpoint of mae, not of 'dino'"):
+        convert_checkpoint("dino_vit_tiny_patch4_32px", tmp_path)
+
+
+def test_a_transformers_mae_encoder_directory_is_an_encoder(tmp_path):
+    hf_model = perturbed(transformers.ViTMAEModel(transformers.ViTMAEConfig(**VIT_TINY_32PX, mask_ratio=0.0)))
+    hf_model.save_pretrained(tmp_path)
+    converted = read_hf_directory(tmp_path)
+    assert (converted.layout, converted.method) == ("transformers vit_mae", None)
+    model = convert_checkpoint("mae_vit_tiny_patch4_32px", tmp_path)
+    pixels, in_order = images(32), torch.arange(64.0).expand(2, -1)
+    with torch.no_grad():
+        expected = hf_model(pixels, noise=in_order).last_hidden_state
+        assert max_relative_error(model(pixels).last_hidden_state, expected) <= TOLERANCE

@@ -24,7 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 import sslhub
 from sslhub.cli import main as cli_main
-from sslhub.hub import CURVES_FILE, PLACEHOLDER_REPO, HubError, push_checkpoint, training_curves_png
+from sslhub.hub import HubError, push_checkpoint
+from sslhub.hub.cards import PLACEHOLDER_REPO
+from sslhub.hub.curves import training_curves_png
+from sslhub.hub.push import CURVES_FILE
 
 TINY = "mae_vit_tiny_patch4_32px"
 

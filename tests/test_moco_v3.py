@@ -1,7 +1,8 @@
 """MoCo v3 (arXiv 2104.02057, facebookresearch/moco-v3) and the LARS optimizer its ResNet recipe uses.
 
 Each test checks one rule of the paper / official code against numbers computed here: the 2τ-scaled symmetric
-contrastive loss, the momentum schedule and update, the MLP layouts, the ViT changes (frozen patch projection, fixed
+contrastive loss, the momentum schedule and update (applied by the trainer through ``momentum_pairs`` /
+``momentum_at``), the MLP layouts, the ViT changes (frozen patch projection, fixed
 sin-cos position embedding, 12 heads), the optimizer recipes, the LARS update, the released encoder and a short run
 of the trainer.
 """
@@ -17,8 +18,10 @@ from torch import nn
 from torchvision.transforms import v2
 
 import sslhub
+from sslhub.batch import Batch
 from sslhub.losses import moco_v3_contrastive
 from sslhub.methods import TrainingProgress
+from sslhub.methods.base import update_momentum_pairs
 from sslhub.optim import LARS
 from sslhub.training import PretrainArguments, build_optimizer, pretrain
 
@@ -45,6 +48,10 @@ def views(seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, 3, 32, 32, generator=gen)
     return [x, x + 0.1 * torch.randn(BATCH, 3, 32, 32, generator=gen)]
+
+
+def batch(seed=0):
+    return Batch.of(views(seed))
 
 
 def momentum_name_to_base(name):
@@ -74,11 +81,11 @@ def outputs(method, x):
 
 
 @BUILDERS
-def test_loss_is_symmetrised_ctr_of_predictions_against_updated_momentum_keys(builder):
+def test_loss_is_symmetrised_ctr_of_predictions_against_momentum_keys(builder):
     method = builder(temperature=0.3).method.train()
     perturb_(method, MOMENTUM)
     x1, x2 = views()
-    loss = method([x1, x2]).loss
+    loss = method(Batch.of([x1, x2])).loss
     (q1, k1), (q2, k2) = outputs(method, x1), outputs(method, x2)
 
     def ctr(q, k):
@@ -90,28 +97,43 @@ def test_loss_is_symmetrised_ctr_of_predictions_against_updated_momentum_keys(bu
 
 # ---- momentum encoder -----------------------------------------------------------------------------------------------
 def test_momentum_follows_half_cosine_from_moco_m_to_1_per_iteration():
+    """``adjust_moco_momentum`` at fractional epoch ``epoch + i / iters``, which the official code uses to update the
+    momentum encoder at the start of iteration i: sslhub's trainer applies it after the optimizer step before, as
+    ``momentum_at`` of that step. ``on_step_start`` sets the logged ``momentum`` of iteration i."""
     method = build_vit(momentum=0.99).method
     epochs, iters = 50, 10
-    for epoch, i in ((0, 0), (0, 3), (13, 7), (25, 0), (49, 9)):
-        method.on_step_start(TrainingProgress(epoch * iters + i, epochs * iters, iters))
+    for epoch, i in ((0, 0), (0, 1), (0, 3), (13, 7), (25, 0), (49, 9)):
+        step = epoch * iters + i
         fractional_epoch = epoch + i / iters
         expected = 1 - 0.5 * (1 + math.cos(math.pi * fractional_epoch / epochs)) * (1 - 0.99)  # adjust_moco_momentum
+        if step > 0:
+            assert method.momentum_at(TrainingProgress(step - 1, epochs * iters, iters)) == pytest.approx(
+                expected, abs=1e-12
+            )
+        method.on_step_start(TrainingProgress(step, epochs * iters, iters))
         assert method.momentum == pytest.approx(expected, abs=1e-12)
     constant = build_vit(momentum=0.99, momentum_cosine=False).method
+    assert constant.momentum_at(TrainingProgress(137, 500, 10)) == 0.99
     constant.on_step_start(TrainingProgress(137, 500, 10))
     assert constant.momentum == 0.99
 
 
 @BUILDERS
 def test_momentum_encoder_is_ema_of_base_encoder_and_projector_and_predictor_has_no_twin(builder):
-    method = builder().method.train()
+    """θ_k ← m θ_k + (1 - m) θ_q over the backbone and the projector, applied by the trainer after each optimizer step
+    with ``momentum_at``; the forward pass itself moves no weight."""
+    method = builder(momentum=0.9, momentum_cosine=False).method.train()
     perturb_(method, MOMENTUM)
-    method.momentum = 0.9
     base, momentum, predictor = params(method, BASE), params(method, MOMENTUM), params(method, ("predictor.",))
     assert {momentum_name_to_base(n) for n in momentum} == set(base)  # backbone + projector, nothing else
     assert predictor and not any("predictor" in n for n in momentum)
-    method(views())
-    expected = {n: 0.9 * m + 0.1 * base[momentum_name_to_base(n)] for n, m in momentum.items()}
+    method(batch())
+    for name, value in params(method, BASE + MOMENTUM + ("predictor.",)).items():
+        assert torch.equal(value, {**base, **momentum, **predictor}[name]), name
+    m = method.momentum_at(TrainingProgress(3, 100, 10))
+    assert m == 0.9
+    update_momentum_pairs(method.momentum_pairs(), m)
+    expected = {n: 0.9 * v + 0.1 * base[momentum_name_to_base(n)] for n, v in momentum.items()}
     for name, value in params(method, MOMENTUM).items():
         torch.testing.assert_close(value, expected[name], msg=name)
     for name, value in params(method, BASE + ("predictor.",)).items():
@@ -122,7 +144,7 @@ def test_eval_forward_does_not_update_the_momentum_encoder():
     method = build_vit().method
     perturb_(method, MOMENTUM)
     momentum = params(method, MOMENTUM)
-    method.eval()(views())
+    method.eval()(batch())
     for name, value in params(method, MOMENTUM).items():
         assert torch.equal(value, momentum[name]), name
 
@@ -130,7 +152,7 @@ def test_eval_forward_does_not_update_the_momentum_encoder():
 @BUILDERS
 def test_gradients_reach_base_encoder_and_predictor_but_not_momentum_encoder(builder):
     method = builder().method.train()
-    method(views()).loss.backward()
+    method(batch()).loss.backward()
     for name, p in method.named_parameters():
         if name.startswith(MOMENTUM):
             assert not p.requires_grad and p.grad is None, name
@@ -202,7 +224,7 @@ def test_vit_small_preset_has_12_heads_in_training_and_in_the_released_encoder()
     model = build("moco_v3_vit_small_patch16_224", backbone_kwargs={"depth": 1}, **SMALL)
     assert model.method.base_encoder.backbone.blocks[0].attn.num_heads == 12
     assert model.method.momentum_encoder.backbone.blocks[0].attn.num_heads == 12
-    assert model.released_model().backbone.blocks[0].attn.num_heads == 12
+    assert model.released_model().encoder.backbone.blocks[0].attn.num_heads == 12
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------------
@@ -260,9 +282,10 @@ def test_lars_update_is_the_written_out_formula():
 def test_released_model_is_the_base_backbone_without_projector(builder):
     model = builder()
     perturb_(model.method, ("momentum_encoder.",))
-    released = model.released_model().backbone.state_dict()
-    base = model.method.base_encoder.backbone.state_dict()
-    momentum = model.method.momentum_encoder.backbone.state_dict()
+    assert model.method.released_encoder is model.method.base_encoder
+    released = model.released_model().encoder.state_dict()
+    base = model.method.base_encoder.state_dict()
+    momentum = model.method.momentum_encoder.state_dict()
     assert released.keys() == base.keys()
     for name, value in released.items():
         assert torch.equal(value, base[name]), name
@@ -272,7 +295,7 @@ def test_released_model_is_the_base_backbone_without_projector(builder):
 @pytest.mark.parametrize(("builder", "scale"), [(build_vit, (0.08, 1.0)), (build_resnet, (0.2, 1.0))])
 def test_views_are_the_byol_pair_with_the_recipes_crop_scale(builder, scale):
     """CONFIG.md: ``--crop-min=.2`` for ResNet-50, the default 0.08 for ViTs; only the second view is solarised."""
-    first, second = builder().method.view_transform().transforms
+    first, second = builder().method.view_recipe().transforms
     assert first.transforms[0].scale == second.transforms[0].scale == scale
     assert [type(t) for t in second.transforms].count(v2.RandomSolarize) == 1
     assert v2.RandomSolarize not in [type(t) for t in first.transforms]
@@ -293,5 +316,5 @@ def test_pretrain_runs_moco_v3_on_builtin_data(tmp_path):
     assert result.steps == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
     encoder = sslhub.from_pretrained(tmp_path)
     base = result.model.method.base_encoder.backbone.state_dict()
-    for name, value in encoder.backbone.state_dict().items():
+    for name, value in encoder.encoder.backbone.state_dict().items():
         assert torch.equal(value, base[name]), name

@@ -4,9 +4,11 @@ import pytest
 import timm
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sslhub
+from sslhub.conversion.loading import CheckpointError
+from sslhub.modeling import TASKS, model_class
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,101 @@ def test_auto_classes_round_trip(tmp_path, images):
     assert classifier(images).logits.shape == (2, 3)
 
 
+def test_saved_encoder_keys_are_the_encoders_own(tmp_path):
+    """Checkpoint format 0.2.0: an ``SSLModel`` holds the method's encoder (``encoder.backbone.*`` for a timm one)."""
+    model = sslhub.create_model("moco_v2_resnet18_32px")
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored.keys() == model.state_dict().keys()
+    assert all(key.startswith("encoder.backbone.") for key in stored)
+    assert "encoder.backbone.layer1.0.conv1.weight" in stored
+
+
+def test_model_class_per_task():
+    assert dict(TASKS) == {
+        "features": sslhub.SSLModel,
+        "pretraining": sslhub.SSLForPreTraining,
+        "classification": sslhub.SSLForImageClassification,
+    }
+    assert model_class("pretraining") is sslhub.SSLForPreTraining
+    with pytest.raises(ValueError, match="Unknown task 'segmentation'"):
+        model_class("segmentation")
+
+
+@pytest.fixture
+def trained_moco(tmp_path):
+    """A saved MoCo v2 pretraining checkpoint whose query encoder (the released one) moved off its initialisation,
+    parameters and BatchNorm statistics, so that it differs from both a fresh model and the key encoder."""
+    model = sslhub.create_model("moco_v2_resnet18_32px", task="pretraining", queue_size=64)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, tensor in model.method.encoder_q.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+                if name.endswith("running_var"):
+                    tensor.abs_()
+    model.save_pretrained(tmp_path / "pretraining")
+    return model, tmp_path / "pretraining"
+
+
+@pytest.mark.parametrize(
+    "load",
+    [transformers.AutoModel.from_pretrained, sslhub.SSLModel.from_pretrained, sslhub.from_pretrained],
+    ids=["AutoModel", "SSLModel", "sslhub"],
+)
+def test_a_pretraining_checkpoint_loads_as_its_released_encoder(load, trained_moco, images):
+    pretraining, directory = trained_moco
+    kwargs = {"task": "features"} if load is sslhub.from_pretrained else {}
+    loaded = load(directory, **kwargs).eval()
+    assert type(loaded) is sslhub.SSLModel
+    released = pretraining.released_model().eval()
+    expected_state = released.state_dict()
+    assert loaded.state_dict().keys() == expected_state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected_state[key]), key
+    assert not torch.equal(  # the query encoder, not the key encoder
+        loaded.encoder.backbone.conv1.weight, pretraining.method.encoder_k.backbone.conv1.weight
+    )
+    with torch.no_grad():
+        out, expected = loaded(images), released(images)
+    assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(out.pooler_output, expected.pooler_output)
+
+
+def _edited_checkpoint(source, target, edit):
+    """A copy of the checkpoint directory ``source`` whose safetensors went through ``edit(state)``."""
+    target.mkdir()
+    for name in ("config.json", "README.md"):
+        (target / name).write_bytes((source / name).read_bytes())
+    state = load_file(source / "model.safetensors")
+    edit(state)
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("task", ["features", "pretraining"])
+@pytest.mark.parametrize(
+    "load",
+    [transformers.AutoModel.from_pretrained, sslhub.SSLModel.from_pretrained],
+    ids=["AutoModel", "SSLModel"],
+)
+def test_a_missing_or_misshapen_tensor_is_a_checkpoint_error(load, task, tmp_path):
+    model = sslhub.create_model("moco_v2_resnet18_32px", task=task, queue_size=64)
+    model.save_pretrained(tmp_path / "good")
+    prefix = "method.encoder_q." if task == "pretraining" else "encoder."
+    missing, misshapen = f"{prefix}backbone.layer1.0.conv1.weight", f"{prefix}backbone.bn1.weight"
+    without = _edited_checkpoint(tmp_path / "good", tmp_path / "missing", lambda state: state.pop(missing))
+    with pytest.raises(CheckpointError, match=r"missing.*" + missing.replace(".", r"\.")):
+        load(without)
+
+    def reshape(state):
+        state[misshapen] = torch.ones(63)
+
+    wrong = _edited_checkpoint(tmp_path / "good", tmp_path / "wrong", reshape)
+    with pytest.raises(CheckpointError, match=r"wrong shape.*" + misshapen.replace(".", r"\.") + r": file \(63,\)"):
+        load(wrong)
+
+
 def test_to_timm_weights_load_into_plain_timm(images):
     model = sslhub.create_model("dino_vit_tiny_patch4_32px").eval()
     plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=0).eval()
@@ -99,12 +196,15 @@ def test_released_model_is_the_papers_encoder():
     mae = sslhub.create_model("mae_vit_tiny_patch4_32px", task="pretraining")
     assert sslhub.to_timm(moco) is moco.method.encoder_q.backbone
     assert sslhub.to_timm(dino) is dino.method.teacher.backbone
-    assert sslhub.to_timm(mae) is mae.method.encoder
+    assert sslhub.to_timm(mae) is mae.method.encoder.backbone
+    assert moco.method.released_encoder is moco.method.encoder_q
+    assert dino.method.released_encoder is dino.method.teacher
+    assert mae.method.released_encoder is mae.method.encoder
     with torch.no_grad():
         dino.method.teacher.backbone.cls_token.add_(1.0)
     released = dino.released_model()
-    assert torch.equal(released.backbone.cls_token, dino.method.teacher.backbone.cls_token)
-    assert not torch.equal(released.backbone.cls_token, dino.method.student.backbone.cls_token)
+    assert torch.equal(released.encoder.backbone.cls_token, dino.method.teacher.backbone.cls_token)
+    assert not torch.equal(released.encoder.backbone.cls_token, dino.method.student.backbone.cls_token)
 
 
 def test_classification_loss_and_pretrained_not_registered():

@@ -1,5 +1,6 @@
 """The Accelerate pretraining loop: outputs, exact resume, checkpoints, the CLI and the built-in demo."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,17 +10,21 @@ import pytest
 import torch
 
 import sslhub
+from sslhub.arguments import dataclass_values
+from sslhub.cli import PRETRAIN_EXCLUDED, build_parser
 from sslhub.cli import main as cli_main
 from sslhub.methods import TrainingProgress
 from sslhub.methods.dinov2 import DINOv2Hparams
 from sslhub.methods.moco import MoCoV2Hparams
 from sslhub.training import (
+    MAX_WARMUP_FRACTION,
     PretrainArguments,
     Pretrainer,
     checkpoint_dirs,
     learning_rate_at,
     pretrain,
     scaled_learning_rate,
+    warmup_steps,
 )
 
 SHALLOW = {"backbone_kwargs": {"depth": 2}}  # 2-block ViTs keep the tests fast
@@ -48,6 +53,27 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
     assert learning_rate_at(10, 100, 10, peak, minimum) == pytest.approx(peak)
     assert learning_rate_at(55, 100, 10, peak, minimum) == pytest.approx(minimum + (peak - minimum) / 2)
     assert learning_rate_at(100, 100, 10, peak, minimum) == pytest.approx(minimum)
+
+
+def test_warmup_never_exceeds_a_quarter_of_the_run(image_folder, tmp_path):
+    """A warm-up longer than the run would keep the learning rate below its peak for the whole run: it is capped at
+    ``MAX_WARMUP_FRACTION`` (25 %) of the optimizer steps."""
+    assert MAX_WARMUP_FRACTION == 0.25
+    assert warmup_steps(10, 4, 8) == 2  # 10 warm-up epochs on a 2-epoch run of 4 steps an epoch
+    assert warmup_steps(10, 3, 6) == 1
+    assert warmup_steps(1, 4, 40) == 4 and warmup_steps(2.5, 4, 100) == 10  # within the cap: the epochs asked for
+    assert warmup_steps(0, 4, 40) == 0
+    for warmup_epochs in (0, 0.5, 1, 2, 5, 10, 40):
+        for steps_per_epoch in (1, 3, 4, 100):
+            for epochs in (1, 2, 3, 10, 100):
+                total = epochs * steps_per_epoch
+                steps = warmup_steps(warmup_epochs, steps_per_epoch, total)
+                assert 0 <= steps <= MAX_WARMUP_FRACTION * total and steps <= round(warmup_epochs * steps_per_epoch)
+    trainer = Pretrainer(tiny_args(image_folder, tmp_path, warmup_epochs=10, knn_every=0))
+    assert trainer.hparams.warmup_epochs == 10
+    assert (trainer.steps_per_epoch, trainer.total_steps, trainer.warmup_steps) == (3, 6, 1)
+    lrs = [trainer.learning_rate(TrainingProgress(step, 6, 3)) for step in range(6)]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(trainer.peak_lr) and trainer.peak_lr == pytest.approx(0.03 / 16)
 
 
 def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tmp_path):
@@ -91,8 +117,9 @@ def test_pretrain_saves_loadable_encoder_and_pretraining_model(image_folder, tmp
     assert type(transformers.AutoModel.from_pretrained(tmp_path)) is sslhub.SSLModel
     full = sslhub.from_pretrained(tmp_path / "pretraining")
     assert type(full) is sslhub.SSLForPreTraining
-    released = full.method.released_backbone.state_dict()
-    for key, value in encoder.backbone.state_dict().items():
+    released = full.method.released_encoder.state_dict()
+    assert encoder.encoder.state_dict().keys() == released.keys()
+    for key, value in encoder.encoder.state_dict().items():
         assert torch.equal(value, released[key]), key
     card = (tmp_path / "README.md").read_text()
     for expected in (
@@ -192,6 +219,25 @@ def test_cli_list_and_pretrain(image_folder, tmp_path, capsys):
     assert config["method"] == "mae" and config["method_kwargs"]["mask_ratio"] == 0.5
     assert cli_main(["pretrain", "--model", "nope", "--data", str(image_folder), "--output-dir", str(tmp_path)]) == 2
     assert "Unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_cli_flags_are_the_fields_of_pretrain_arguments(capsys):
+    """``sslhub pretrain`` has one flag per ``PretrainArguments`` field with the field's default, except
+    ``overrides``, which ``--set KEY=VALUE`` gives."""
+    ns = build_parser().parse_args(["pretrain"])
+    assert PretrainArguments(**dataclass_values(ns, PretrainArguments, PRETRAIN_EXCLUDED)) == PretrainArguments()
+    assert PRETRAIN_EXCLUDED == ("overrides",) and ns.set == []
+    ns = build_parser().parse_args(["pretrain", "--epochs", "3", "--log-with", "none", "--no-progress", "--resume"])
+    parsed = PretrainArguments(**dataclass_values(ns, PretrainArguments, PRETRAIN_EXCLUDED))
+    assert (parsed.epochs, parsed.log_with, parsed.progress, parsed.resume) == (3, None, False, "latest")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["pretrain", "--help"])
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0
+    for field in dataclasses.fields(PretrainArguments):
+        flag = "--" + field.name.replace("_", "-")
+        assert (flag in help_text) == (field.name not in PRETRAIN_EXCLUDED), field.name
+    assert "--set KEY=VALUE" in help_text
 
 
 def test_builtin_demo_learns(tmp_path):

@@ -1,4 +1,5 @@
-"""View recipes: number, size, values and randomness of the views each method trains on."""
+"""View recipes: number, size, values and randomness of the views each method trains on (each method's
+``view_recipe()``), the view pieces they are made of, and the evaluation transform."""
 
 import numpy as np
 import pytest
@@ -6,16 +7,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from sslhub.transforms import (
-    eval_transform,
-    multi_crop_dino,
-    single_view_mae,
-    two_view_moco_v1,
-    two_view_moco_v2,
-    two_view_moco_v3,
-)
+import sslhub
+from sslhub.methods.moco import moco_views
+from sslhub.registry import get_method
+from sslhub.transforms import MultiView, Views, color_distortion, eval_transform
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the presets' (ImageNet) mean and std
 
 
 @pytest.fixture
@@ -23,12 +20,24 @@ def image():
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
 
 
+def method_recipe(method: str, **overrides) -> MultiView:
+    """``view_recipe()`` of the method's tiny 32 px model (``tiny_preset`` + ``tiny_overrides``)."""
+    cls = get_method(method)
+    model = sslhub.create_model(cls.tiny_preset, task="pretraining", **{**cls.tiny_overrides, **overrides})
+    assert tuple(model.config.image_mean) == MEAN and tuple(model.config.image_std) == STD
+    return model.method.view_recipe()
+
+
 def find(transform, kind) -> list:
-    """Every transform of type ``kind`` inside a (nested) v2 pipeline."""
+    """Every transform of type ``kind`` inside a (nested) v2 pipeline or a ``MultiView``."""
     found = [transform] if isinstance(transform, kind) else []
     for child in getattr(transform, "transforms", []):
         found += find(child, kind)
     return found
+
+
+def jitter_ranges(jitter: v2.ColorJitter) -> tuple:
+    return jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue
 
 
 def normalised(rgb) -> torch.Tensor:
@@ -37,7 +46,9 @@ def normalised(rgb) -> torch.Tensor:
 
 def test_moco_v2_gives_two_different_views_of_the_same_shape(image):
     torch.manual_seed(0)
-    views = two_view_moco_v2(32, MEAN, STD)(image)
+    made = method_recipe("moco_v2")(image)
+    assert isinstance(made, Views) and made.extras == {}
+    views = made.views
     assert len(views) == 2 and all(v.shape == (3, 32, 32) and v.dtype == torch.float32 for v in views)
     assert all(type(v) is torch.Tensor for v in views)
     assert not torch.equal(views[0], views[1])
@@ -45,27 +56,51 @@ def test_moco_v2_gives_two_different_views_of_the_same_shape(image):
 
 def test_blur_kernel_is_odd_about_a_tenth_of_the_image_and_at_least_3():
     def kernel(size):
-        blur = find(two_view_moco_v2(size, MEAN, STD).transforms[0], v2.GaussianBlur)[0]
+        blur = find(moco_views(size, MEAN, STD, (0.2, 1.0), aug_plus=True).transforms[0], v2.GaussianBlur)[0]
         assert tuple(blur.sigma) == (0.1, 2.0)
         return tuple(blur.kernel_size)
 
     assert [kernel(224), kernel(96), kernel(32), kernel(8)] == [(23, 23), (9, 9), (3, 3), (3, 3)]
+    assert tuple(find(method_recipe("moco_v2"), v2.GaussianBlur)[0].kernel_size) == (3, 3)  # the 32 px preset
+
+
+def test_color_distortion_of_strength_s_is_simclrs():
+    """SimCLR (arXiv 2002.05709, Appendix A): jitter brightness / contrast / saturation 0.8 s and hue 0.2 s with
+    p=0.8, then grayscale with p=0.2."""
+    for strength in (0.25, 0.5, 1.0):
+        jitter_apply, gray = color_distortion(strength=strength)
+        assert isinstance(jitter_apply, v2.RandomApply) and jitter_apply.p == 0.8
+        assert isinstance(gray, v2.RandomGrayscale) and gray.p == 0.2
+        (jitter,) = jitter_apply.transforms
+        amount = 0.8 * strength
+        expected = [(1 - amount, 1 + amount)] * 3 + [(-0.2 * strength, 0.2 * strength)]
+        assert [tuple(r) for r in jitter_ranges(jitter)] == [pytest.approx(r) for r in expected], strength
+    assert jitter_ranges(color_distortion()[0].transforms[0]) == (
+        (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)
+    )  # fmt: skip  # the default s = 0.5: MoCo v2's 0.4 / 0.4 / 0.4 / 0.1
+    byol_apply, _ = color_distortion(saturation=0.2)  # BYOL / DINO lower only the saturation
+    assert jitter_ranges(byol_apply.transforms[0]) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+    always, gray = color_distortion(strength=1.0, p=1.0, grayscale_p=0.5)  # p = 1: the jitter itself, always applied
+    assert isinstance(always, v2.ColorJitter) and gray.p == 0.5
+    assert jitter_ranges(always)[3] == pytest.approx((-0.2, 0.2))
 
 
 def test_colour_augmentation_in_moco_but_not_in_mae():
     """A flat colour stays that colour through MAE's crop + flip; MoCo's jitter / grayscale change it."""
-    flat = Image.new("RGB", (20, 20), (200, 60, 30))
-    expected = normalised([200, 60, 30])[:, None, None].expand(3, 16, 16)
+    flat = Image.new("RGB", (40, 40), (200, 60, 30))
+    expected = normalised([200, 60, 30])[:, None, None].expand(3, 32, 32)
+    mae_recipe, moco_recipe = method_recipe("mae"), method_recipe("moco_v2")
     torch.manual_seed(0)
-    mae = [single_view_mae(16, MEAN, STD)(flat)[0] for _ in range(4)]
-    moco = [view for _ in range(2) for view in two_view_moco_v2(16, MEAN, STD)(flat)]
+    mae = [mae_recipe(flat).views[0] for _ in range(4)]
+    moco = [view for _ in range(2) for view in moco_recipe(flat).views]
     assert all(torch.allclose(view, expected, atol=1e-5) for view in mae)
     assert sum(not torch.allclose(view, expected, atol=0.02) for view in moco) >= 2
+    assert not find(mae_recipe, v2.ColorJitter) and not find(mae_recipe, v2.RandomGrayscale)
 
 
 def test_dino_multi_crop_sizes_and_asymmetric_global_views(image):
-    recipe = multi_crop_dino(32, 16, 4, mean=MEAN, std=STD)
-    views = recipe(image)
+    recipe = method_recipe("dino", local_crops_number=4, local_crop_size=16)
+    views = recipe(image).views
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
     assert len({v.sum().item() for v in views}) == 6  # independent draws
     global_1, global_2, local = recipe.transforms[:3]
@@ -76,61 +111,57 @@ def test_dino_multi_crop_sizes_and_asymmetric_global_views(image):
     assert [c.scale for c in crops[:3]] == [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]
     assert {c.interpolation for c in crops} == {v2.InterpolationMode.BICUBIC}
     jitter = find(global_1, v2.ColorJitter)[0]  # DINO lowers saturation to 0.2; MoCo v2 keeps 0.4
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
-        (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
-    )  # fmt: skip
-    assert find(two_view_moco_v2(32, MEAN, STD), v2.ColorJitter)[0].saturation == (0.6, 1.4)
+    assert jitter_ranges(jitter) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+    assert find(method_recipe("moco_v2"), v2.ColorJitter)[0].saturation == (0.6, 1.4)
+
+
+def test_dino_local_crop_size_defaults_to_96_224_of_the_image_in_whole_patches(image):
+    """32 px x 96 / 224 = 13.7 px, rounded to the 4 px patches of the tiny preset: 12 px local crops."""
+    views = method_recipe("dino")(image).views
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 12, 12)] * 2
 
 
 def test_moco_v1_views_are_crop_grayscale_jitter_flip_without_blur(image):
     """``main_moco.py`` without ``--aug-plus``: jitter 0.4/0.4/0.4/0.4 always applied, after grayscale (p=0.2)."""
-    recipe = two_view_moco_v1(32, MEAN, STD)
+    recipe = method_recipe("moco_v1")
     view = recipe.transforms[0]
     crop, gray, jitter, flip = view.transforms[:4]
     assert [type(t) for t in (crop, gray, jitter, flip)] == [
         v2.RandomResizedCrop, v2.RandomGrayscale, v2.ColorJitter, v2.RandomHorizontalFlip
     ]  # fmt: skip
     assert crop.scale == (0.2, 1.0) and gray.p == 0.2
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
-        (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)
-    )  # fmt: skip
+    assert jitter_ranges(jitter) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4))
     assert not find(recipe, v2.RandomApply) and not find(recipe, v2.GaussianBlur)
-    views = recipe(image)
+    views = recipe(image).views
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 and not torch.equal(views[0], views[1])
 
 
 def test_moco_v3_views_are_byols_asymmetric_pair(image):
     """facebookresearch/moco-v3 ``main_moco.py``: bilinear crops of scale (0.08, 1), jitter 0.4/0.4/0.2/0.1 (p=0.8),
     grayscale (p=0.2); blur p=1.0 / 0.1, solarise p=0 / 0.2."""
-    recipe = two_view_moco_v3(32, MEAN, STD)
+    recipe = method_recipe("moco_v3")
     first, second = recipe.transforms
     assert [find(view, v2.RandomApply)[-1].p for view in (first, second)] == [1.0, 0.1]  # blur
     assert not find(first, v2.RandomSolarize)
     assert [(t.threshold, t.p) for t in find(second, v2.RandomSolarize)] == [(128, 0.2)]
     jitter = find(first, v2.ColorJitter)[0]
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
-        (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
-    )  # fmt: skip
+    assert jitter_ranges(jitter) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
     assert [find(view, v2.RandomApply)[0].p for view in (first, second)] == [0.8, 0.8]  # jitter
     assert [find(view, v2.RandomGrayscale)[0].p for view in (first, second)] == [0.2, 0.2]
     crops = find(recipe, v2.RandomResizedCrop)
     assert {(c.scale, v2.InterpolationMode(c.interpolation)) for c in crops} == {
         ((0.08, 1.0), v2.InterpolationMode.BILINEAR)
     }
-    views = recipe(image)
+    views = recipe(image).views
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 and not torch.equal(views[0], views[1])
 
 
 def test_every_recipe_works_on_tiny_images():
     tiny = Image.fromarray(np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8))
-    for recipe in (
-        two_view_moco_v1(32, MEAN, STD),
-        two_view_moco_v2(32, MEAN, STD),
-        two_view_moco_v3(32, MEAN, STD),
-        multi_crop_dino(32, 16, 2, mean=MEAN, std=STD),
-        single_view_mae(32, MEAN, STD),
-    ):
-        assert all(v.shape[-2:] in ((32, 32), (16, 16)) and torch.isfinite(v).all() for v in recipe(tiny))
+    for method in ("moco_v1", "moco_v2", "moco_v3", "dino", "dinov2", "mae"):
+        views = method_recipe(method)(tiny).views
+        assert views and all(v.shape[-2:] in ((32, 32), (12, 12)) for v in views), method
+        assert all(torch.isfinite(v).all() for v in views), method
 
 
 def test_eval_transform_is_one_deterministic_normalised_tensor(image):
@@ -139,6 +170,13 @@ def test_eval_transform_is_one_deterministic_normalised_tensor(image):
     assert torch.equal(evaluated, eval_transform(32, MEAN, STD)(image))
     flat = eval_transform(16, MEAN, STD)(Image.new("RGB", (20, 30), (51, 102, 153)))
     assert torch.allclose(flat, normalised([51, 102, 153])[:, None, None].expand(3, 16, 16), atol=1e-5)
+
+
+def test_a_methods_eval_transform_uses_the_configs_size_mean_and_std(image):
+    model = sslhub.create_model("moco_v2_resnet18_32px", image_size=16, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    transform = get_method("moco_v2").eval_transform(model.config)
+    assert repr(transform) == repr(eval_transform(16, [0.5] * 3, [0.25] * 3))
+    assert torch.equal(transform(image), eval_transform(16, [0.5] * 3, [0.25] * 3)(image))
 
 
 def test_eval_transform_resizes_to_size_over_crop_pct_then_centre_crops():

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from sslhub.configuration import SSLConfig
-from sslhub.conversion.layouts import LAYOUTS, Converted, _preview, detect_layout
+from sslhub.conversion.hf_transformers import convert_hf_encoder
+from sslhub.conversion.keys import Converted, preview
+from sslhub.conversion.layouts import detect_layout, get_layout
 from sslhub.conversion.loading import CheckpointError, load_file_state, load_hf_directory
-from sslhub.factory import TASKS
 from sslhub.files import atomic_directory
-from sslhub.modeling import SSLForPreTraining, SSLPreTrainedModel
+from sslhub.modeling import SSLForPreTraining, SSLPreTrainedModel, model_class
+from sslhub.registry import layout_methods, list_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +28,21 @@ def read_checkpoint(checkpoint: str | os.PathLike, layout: str | None = None) ->
     """Load ``checkpoint`` without executing code and map it to sslhub names (``layout`` detected if not given)."""
     path = Path(checkpoint)
     if path.is_dir():
-        from sslhub.conversion.hf_transformers import convert_hf_directory
-
-        return convert_hf_directory(*load_hf_directory(path), source=str(path))
+        return read_hf_directory(path)
     container = load_file_state(path)
-    layout = layout or detect_layout(container)
-    if layout not in LAYOUTS:
-        raise CheckpointError(f"{path}: unknown layout {layout!r}; sslhub reads {sorted(LAYOUTS)}")
-    return LAYOUTS[layout](container, str(path))
+    found = get_layout(layout) if layout else detect_layout(container)
+    return found.convert(container, str(path))
+
+
+def read_hf_directory(path: Path) -> Converted:
+    """A transformers model directory: the layout a method declares for its ``model_type`` (e.g. the MAE objective
+    of ``ViTMAEForPreTraining``) when one claims it, else its encoder alone."""
+    state_dict, config = load_hf_directory(path)
+    container = {"config": config, "state_dict": state_dict}
+    for layout in list_layouts().values():
+        if config.get("model_type") in layout.hf_model_types and layout.detect(container):
+            return layout.convert(container, str(path))
+    return convert_hf_encoder(state_dict, config, str(path))
 
 
 def _shape_problems(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
@@ -46,7 +55,7 @@ def _shape_problems(state: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 def _mismatch_error(what: str, missing=(), unexpected=(), wrong=()) -> CheckpointError:
     problems = [
-        f"{label} ({len(items)}): {_preview(items)}"
+        f"{label} ({len(items)}): {preview(items)}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
         if items
     ]
@@ -63,12 +72,27 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     module.load_state_dict(state)
 
 
-def _backbone_copies(method: nn.Module, released: nn.Module) -> list[str]:
-    """Prefixes of every copy of the released encoder inside a method (MoCo query/key, DINO student/teacher)."""
+def _encoder_copies(method: nn.Module, released: nn.Module) -> list[str]:
+    """Prefixes of the timm model of every copy of the released encoder inside a method (MoCo query / key, DINO
+    student / teacher): modules of the released encoder's class with its keys."""
     keys = released.state_dict().keys()
+    inner = next(name for name, module in released.named_modules() if module is released.timm_model)
+    inner = f"{inner}." if inner else ""
     return [
-        f"{name}." for name, m in method.named_modules() if type(m) is type(released) and m.state_dict().keys() == keys
+        f"{name}.{inner}"
+        for name, m in method.named_modules()
+        if type(m) is type(released) and m.state_dict().keys() == keys
     ]
+
+
+def _check_method(converted: Converted, method: str, what: str) -> None:
+    """A layout that belongs to some methods (their training checkpoints) converts only into those methods."""
+    if converted.layout in list_layouts() and method not in layout_methods(converted.layout):
+        owners = layout_methods(converted.layout)
+        raise CheckpointError(
+            f"{what} is a {converted.layout!r} checkpoint of {', '.join(owners)}, not of {method!r}: "
+            f"choose a preset of {', '.join(owners)} (`sslhub list`)"
+        )
 
 
 def _folded_class_position(state: dict, expected: dict, problem: str) -> bool:
@@ -105,26 +129,28 @@ def build_converted_model(
     For ``"pretraining"`` the file's heads / teacher / queue are loaded when it has them; a file holding only the
     released encoder initialises every encoder copy from it and leaves the heads at their initialisation.
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
-    model = TASKS[task](config)
+    model = model_class(task)(config)
     what = f"{source} ({converted.layout})"
+    _check_method(converted, config.method, what)
     if not isinstance(model, SSLForPreTraining):
-        encoder = model.backbone if task == "features" else model.ssl.backbone
-        load_strict(encoder, timm_filter(converted.backbone, encoder, config.backbone, what), what)
+        encoder = model.encoder if task == "features" else model.ssl.encoder
+        target = encoder.timm_model if encoder.timm_model is not None else encoder
+        load_strict(target, timm_filter(converted.backbone, target, config.backbone, what), what)
         return model.eval()
-    released = model.method.released_backbone
+    released = model.method.released_encoder
     if converted.method is None:
-        copies = dict.fromkeys(_backbone_copies(model.method, released), converted.backbone)
+        copies = dict.fromkeys(_encoder_copies(model.method, released), converted.backbone)
         logger.warning("%s holds only the released encoder: the %s heads keep their initialisation", source,
                        config.method)  # fmt: skip
     else:
         copies = converted.method_encoders
     state = dict(converted.method or {})
+    timm_model = released.timm_model
     for prefix, encoder_state in copies.items():
-        state.update(
-            {prefix + key: value for key, value in timm_filter(encoder_state, released, config.backbone, what).items()}
+        mapped = (
+            timm_filter(encoder_state, timm_model, config.backbone, what) if timm_model is not None else encoder_state
         )
+        state.update({prefix + key: value for key, value in mapped.items()})
     load_strict(model.method, state, what)
     return model.eval()
 

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTMAEConfig
 
-from sslhub.conversion.layouts import Converted
+from sslhub.conversion.keys import Converted
 from sslhub.conversion.loading import CheckpointError
 from sslhub.heads import MAEDecoder
 
@@ -452,38 +452,26 @@ def dinov2_from_transformers(state_dict: Mapping[str, torch.Tensor], config: Pre
 # ---- a Hugging Face model directory as an sslhub conversion ------------------------------------------------------
 
 
-def convert_hf_directory(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> Converted:
-    """A transformers ViT / ViTMAE / DINOv2 directory's ``(state_dict, config.json)`` as ``Converted``: the encoder in
-    timm names and, for ``ViTMAEForPreTraining``, the decoder as the MAE objective's ``decoder.`` with the decoder
-    sizes, ``mask_ratio`` and ``norm_pix_loss`` of its config as hyperparameters."""
+def hf_encoder_state(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> KeyMapping:
+    """The encoder of a transformers ViT / ViTMAE / DINOv2 directory's ``(state_dict, config.json)`` in timm names,
+    and the keys it leaves out with their rules (a ViTMAE decoder among them)."""
     model_type = config.get("model_type")
-    layout = f"transformers {model_type}"
-    has_decoder = model_type == "vit_mae" and any(key.startswith("decoder.") for key in state_dict)
     try:
         if model_type in ("dinov2", "dinov2_with_registers"):
-            backbone, ignored = dinov2_from_transformers(state_dict, config)
-        elif model_type in ("vit", "vit_mae"):
-            backbone, ignored = vit_from_transformers(state_dict, config)
-        else:
-            raise CheckpointError(f"sslhub reads transformers vit, vit_mae and dinov2 models, not {model_type!r}")
-        if not has_decoder:
-            return Converted(layout, backbone, left_out=_left_out(ignored))
-        decoder, decoder_ignored = mae_decoder_from_transformers(state_dict, config)
+            return dinov2_from_transformers(state_dict, config)
+        if model_type in ("vit", "vit_mae"):
+            return vit_from_transformers(state_dict, config)
+        raise CheckpointError(f"sslhub reads transformers vit, vit_mae and dinov2 models, not {model_type!r}")
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from err
-    sizes = _as_config(config, ("vit_mae",))
-    overrides = {
-        "decoder_embed_dim": sizes.decoder_hidden_size,
-        "decoder_depth": sizes.decoder_num_hidden_layers,
-        "decoder_num_heads": sizes.decoder_num_attention_heads,
-        "mask_ratio": sizes.mask_ratio,
-        "norm_pix_loss": sizes.norm_pix_loss,
-    }
-    method = {f"decoder.{key}": value for key, value in decoder.items()}
-    left_out = _left_out({key: rule for key, rule in ignored.items() if key in decoder_ignored})
-    return Converted(layout, backbone, method, {"encoder.": backbone}, overrides, left_out)
 
 
-def _left_out(ignored: dict[str, str]) -> list[str]:
+def convert_hf_encoder(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> Converted:
+    """A transformers ViT / ViTMAE / DINOv2 directory as ``Converted``: its encoder alone."""
+    backbone, ignored = hf_encoder_state(state_dict, config, source)
+    return Converted(f"transformers {config.get('model_type')}", backbone, left_out=left_out_entries(ignored))
+
+
+def left_out_entries(ignored: dict[str, str]) -> list[str]:
     """``Converted.left_out`` entries: each dropped key with the rule that dropped it."""
     return [f"{key} ({rule})" for key, rule in sorted(ignored.items())]

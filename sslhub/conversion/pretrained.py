@@ -19,15 +19,12 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from sslhub.configuration import SSLConfig
 from sslhub.conversion.convert import build_converted_model, read_checkpoint, save_atomically
 from sslhub.conversion.loading import CheckpointError
+from sslhub.files import cache_root
+from sslhub.modeling import model_class
 from sslhub.registry import PretrainedTag, get_method, get_preset, get_pretrained
 
-CACHE_ENV = "SSLHUB_CACHE"
 PRETRAINED_DIR_ENV = "SSLHUB_PRETRAINED_DIR"
-
-
-def cache_root() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sslhub"
-    return Path(os.environ.get(CACHE_ENV, default))
+CACHE_FORMAT = 2  # bump when converted checkpoints of the same release would be written differently
 
 
 def _download_url(url: str, destination: Path) -> Path:
@@ -74,13 +71,11 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
 
 def _stamp(path: Path) -> dict:
     stat = path.stat()
-    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": CACHE_FORMAT}
 
 
 def load_pretrained(name: str, task: str = "features", pretrained_path=None, **overrides):
     """The release ``name`` (``"preset.tag"``) as a ``task`` model, converted on first use and cached."""
-    from sslhub.factory import from_pretrained
-
     tag = get_pretrained(name)
     cached_task = "pretraining" if task == "pretraining" else "features"
     path, layout = release_source(tag, cached_task, pretrained_path)
@@ -96,7 +91,7 @@ def load_pretrained(name: str, task: str = "features", pretrained_path=None, **o
         save_atomically(model, cache_dir, card)
         stamp_file.write_text(json.dumps(stamp))
     config = SSLConfig.from_pretrained(cache_dir).with_overrides(**overrides)
-    return from_pretrained(cache_dir, task=task, config=config)
+    return model_class(task).from_pretrained(cache_dir, config=config, use_safetensors=True)
 
 
 METRIC_NAMES = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tuning"}

@@ -1,17 +1,39 @@
-"""What every self-supervised method provides to the model, the trainer and the model card."""
+"""The method contract (DESIGN.md §5): what one file in ``sslhub/methods/`` declares so that the model, the trainer,
+conversion, export, evaluation and the model card work for it without naming it.
+
+A method is an ``SSLMethod`` subclass registered with ``@register_method("id")``. It owns:
+
+- ``Hparams``: a ``MethodHparams`` dataclass with the paper's defaults, one ``hparam(default, help)`` per field;
+- its encoder: ``build_encoder(config)`` (default: a timm backbone + pooling, ``TimmEncoder``) and which of its modules
+  is released (``released_encoder``); ``SSLModel`` holds exactly what ``build_encoder`` builds;
+- its data: ``view_recipe()`` (a ``ViewRecipe`` making the views and extras, and collating them into a ``Batch``) and
+  ``eval_transform(config)`` (the evaluation pre-processing of its encoder);
+- its objective: ``forward(batch) -> MethodOutput``; per-step schedules (``on_step_start``), gradient edits
+  (``on_before_optimizer_step``), momentum pairs that the trainer updates once per optimizer step
+  (``momentum_pairs`` / ``momentum_at``), buffers that stay per process (``per_process_buffers``), frozen auxiliary
+  networks (``auxiliary_networks`` / ``load_auxiliary_weights``);
+- its declarations: ``checkpoint_layouts`` (the authors' files), ``linear_recipe``, ``export_targets``, a tiny
+  configuration for the contract tests (``tiny_preset`` / ``tiny_overrides``), and its presets and releases
+  (``register_preset`` / ``register_pretrained`` in its module).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from sslhub.backbones import create_backbone
+from sslhub.arguments import option
+from sslhub.backbones import Encoder, TimmEncoder
+from sslhub.batch import Batch
+from sslhub.conversion.keys import CheckpointLayout
+from sslhub.probes import LinearRecipe
+from sslhub.transforms import ViewRecipe, eval_transform
 
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
@@ -20,31 +42,32 @@ LR_SCHEDULES = ("cosine", "step")
 LR_SCALINGS = ("linear", "sqrt")
 
 
+hparam = option  # a hyperparameter field: its default and one line of help (``sslhub hparams MODEL`` shows them)
+
+
 @dataclass
 class MethodHparams:
     """Optimisation recipe shared by all methods; each method subclasses it with the paper's defaults.
 
     ``lr`` is the base learning rate for a batch of ``lr_batch_size`` images; the trainer scales it with the real
     batch size, linearly (Goyal et al. 2017, as the official MoCo, DINO and MAE code do) or by its square root
-    (``lr_scaling="sqrt"``, DINOv2). Parameter groups may carry an ``lr_scale`` (layer-wise decay). ``lr_schedule``:
-    ``"cosine"`` (linear warm-up, then half-cosine to ``min_lr``) or ``"step"`` (MoCo v1: ``lr`` times 0.1 at each
-    epoch of ``lr_milestones``, no warm-up). ``optimizer``: ``"sgd"``, ``"adamw"`` or ``"lars"``.
+    (``lr_scaling="sqrt"``, DINOv2). Parameter groups may carry an ``lr_scale`` (layer-wise decay).
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    lr_batch_size: int = 256
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None
-    sgd_momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float | None = None
-    epochs: int = 200
-    lr_schedule: str = "cosine"
-    lr_milestones: tuple[int, ...] = ()
-    lr_scaling: str = "linear"
+    optimizer: str = hparam("sgd", "optimizer: 'sgd', 'adamw', 'lars' or 'larc' (sslhub.optim.OPTIMIZERS)")
+    lr: float = hparam(0.03, "base learning rate per lr_batch_size images")
+    lr_batch_size: int = hparam(256, "batch size that lr is given for")
+    min_lr: float = hparam(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: float = hparam(0.0, "linear warm-up epochs (at most a quarter of the run, see MAX_WARMUP_FRACTION)")
+    weight_decay: float = hparam(1e-4, "weight decay (the decayed groups)")
+    weight_decay_end: float | None = hparam(None, "final weight decay of a cosine schedule (None: constant)")
+    sgd_momentum: float = hparam(0.9, "momentum of SGD / LARS")
+    betas: tuple[float, float] = hparam((0.9, 0.999), "AdamW betas")
+    clip_grad: float | None = hparam(None, "gradient clipping threshold (None: no clipping)")
+    epochs: int = hparam(200, "pretraining epochs of the paper's recipe")
+    lr_schedule: str = hparam("cosine", "'cosine' (warm-up then half-cosine, per step) or 'step' (per epoch)")
+    lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by 0.1")
+    lr_scaling: str = hparam("linear", "'linear' or 'sqrt' scaling of lr with the batch size")
 
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:
@@ -71,6 +94,9 @@ class TrainingProgress:
     def fraction(self) -> float:
         return self.step / max(1, self.total_steps)
 
+    def next(self) -> TrainingProgress:
+        return dataclasses.replace(self, step=self.step + 1)
+
 
 @dataclass
 class MethodOutput:
@@ -78,17 +104,39 @@ class MethodOutput:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExportTargets:
+    """The transformers classes ``sslhub export --format transformers`` writes: ``encoder`` for the released encoder
+    (a timm ViT encoder as ``ViTModel`` by default), ``pretraining`` for the whole objective (``None``: not
+    exported). ``sslhub.export`` knows how to write each class it names."""
+
+    encoder: str | None = "ViTModel"
+    pretraining: str | None = None
+
+
 def cosine_schedule(start: float, end: float, progress: TrainingProgress) -> float:
     """Half-cosine from ``start`` (step 0) to ``end`` (last step), as DINO's ``cosine_scheduler``."""
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress.fraction))
 
 
-class SSLMethod(nn.Module):
-    """A self-supervised objective: its networks, its loss on a list of views and its per-step updates.
+@torch.no_grad()
+def update_momentum_pairs(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """θ_target ← m θ_target + (1 - m) θ_online for every (online, target) pair of modules (parameters only, as MoCo's
+    key encoder and DINO's teacher): MoCo eq. 2, BYOL eq. 1, DINO §3.1."""
+    online = [p for source, _ in pairs for p in source.parameters()]
+    target = [p for _, copy in pairs for p in copy.parameters()]
+    if len(online) != len(target):
+        raise ValueError(f"momentum pairs differ in size: {len(online)} online vs {len(target)} target parameters")
+    if target:
+        torch._foreach_lerp_(target, online, 1 - momentum)
 
-    Subclasses set ``Hparams`` (a ``MethodHparams`` dataclass with the paper's defaults), ``paper``,
-    ``arxiv`` and ``citation``; implement ``forward(views) -> MethodOutput``, ``released_backbone`` and
-    ``view_transform``; and override the step hooks they need.
+
+class SSLMethod(nn.Module):
+    """A self-supervised objective: its networks, its loss on a ``Batch`` and its per-step updates (module docstring).
+
+    Subclasses set ``Hparams``, ``paper``, ``arxiv``, ``citation``, ``released``, ``linear_recipe``,
+    ``tiny_preset``; implement ``forward``, ``released_encoder`` and ``view_recipe``; and override the hooks they
+    need.
     """
 
     name: ClassVar[str]
@@ -99,16 +147,33 @@ class SSLMethod(nn.Module):
     released: ClassVar[str] = ""
     default_pooling: ClassVar[str | None] = None
     decay_norms_and_biases: ClassVar[bool] = False
+    linear_recipe: ClassVar[LinearRecipe | None] = None
+    checkpoint_layouts: ClassVar[tuple[CheckpointLayout, ...]] = ()
+    export_targets: ClassVar[ExportTargets] = ExportTargets()
+    per_process_buffers: ClassVar[tuple[str, ...]] = ()
+    tiny_preset: ClassVar[str] = ""
+    tiny_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: SSLConfig):
         super().__init__()
         self.config = config
         self.hparams = self.Hparams(**config.method_kwargs)
 
-    # ---- hyperparameters -------------------------------------------------------------------------
+    # ---- declarations ------------------------------------------------------------------------------------------
     @classmethod
     def hparam_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls.Hparams)}
+
+    @classmethod
+    def hparam_help(cls) -> dict[str, str]:
+        """Each hyperparameter's help line: the field's own, else that of the field it overrides in a parent
+        dataclass (a subclass that only changes a default keeps the help); empty where none has one."""
+        help_text: dict[str, str] = {}
+        for klass in reversed(cls.Hparams.__mro__):
+            if dataclasses.is_dataclass(klass):
+                for f in dataclasses.fields(klass):
+                    help_text[f.name] = f.metadata.get("help") or help_text.get(f.name, "")
+        return {f.name: help_text[f.name] for f in dataclasses.fields(cls.Hparams)}
 
     @classmethod
     def validate_hparams(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -128,27 +193,77 @@ class SSLMethod(nn.Module):
         """What the model card says about the method."""
         return {"paper": cls.paper, "arxiv": cls.arxiv, "citation": cls.citation, "released_encoder": cls.released}
 
-    # ---- networks --------------------------------------------------------------------------------
-    def create_backbone(self, **extra) -> nn.Module:
-        return create_backbone(self.config.backbone, **{**self.config.backbone_kwargs, **extra})
+    @classmethod
+    def get_linear_recipe(cls) -> LinearRecipe:
+        """The official linear-probe recipe of the method; a method without one is an error, never a default."""
+        if cls.linear_recipe is None:
+            raise ValueError(
+                f"method {cls.name!r} declares no linear-probe recipe; give the recipe's values (epochs, lr, batch "
+                "size) explicitly or use the L-BFGS probe (`sslhub eval linear --method lbfgs`)"
+            )
+        return cls.linear_recipe
+
+    # ---- encoder -----------------------------------------------------------------------------------------------
+    @classmethod
+    def build_encoder(cls, config: SSLConfig, **backbone_overrides) -> Encoder:
+        """The encoder this method trains and releases, as ``SSLModel`` holds it: by default the config's timm
+        backbone (``backbone_kwargs`` + ``backbone_overrides``, e.g. a drop-path rate for a student) pooled as
+        ``config.pooling``, else the method's ``default_pooling``, else the backbone's."""
+        kwargs = {**config.backbone_kwargs, **backbone_overrides}
+        return TimmEncoder(config.backbone, config.pooling or cls.default_pooling, **kwargs)
+
+    @classmethod
+    def eval_transform(cls, config: SSLConfig) -> Callable:
+        """The evaluation pre-processing of the released encoder: RGB PIL image -> input tensor (default: resize,
+        centre crop and normalise with the config's size, mean and std)."""
+        return eval_transform(config.image_size, config.image_mean, config.image_std)
 
     @property
-    def released_backbone(self) -> nn.Module:
-        """The encoder the authors release (MoCo: query, DINO: teacher, MAE: encoder)."""
+    def released_encoder(self) -> Encoder:
+        """The encoder the authors release (MoCo: query, DINO: teacher, MAE: encoder); same class and keys as
+        ``build_encoder(config)``."""
         raise NotImplementedError
 
-    def forward(self, views: list[torch.Tensor]) -> MethodOutput:
+    # ---- data and objective ------------------------------------------------------------------------------------
+    def view_recipe(self) -> ViewRecipe:
+        """The paper's augmentation recipe: ``PIL image -> Views``, and the collation of its samples."""
         raise NotImplementedError
 
-    def view_transform(self) -> Callable:
-        """The paper's augmentation recipe: ``PIL image -> list of view tensors``."""
+    def forward(self, batch: Batch) -> MethodOutput:
         raise NotImplementedError
 
-    # ---- optimisation ----------------------------------------------------------------------------
+    # ---- networks updated outside the optimizer ------------------------------------------------------------------
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, target) module pairs that the trainer updates as ``target ← m target + (1 - m) online`` once
+        per optimizer step, after the step, with ``m = momentum_at(progress)``."""
+        return []
+
+    def momentum_at(self, progress: TrainingProgress) -> float:
+        """The momentum of the update after optimizer step ``progress.step``."""
+        raise NotImplementedError(f"{type(self).__name__} declares momentum pairs but no momentum_at")
+
+    def auxiliary_networks(self) -> dict[str, nn.Module]:
+        """Frozen networks the objective uses but does not train (a tokenizer, a fixed teacher): never optimised,
+        always in eval mode, saved in the pretraining checkpoint, never part of the released encoder."""
+        return {}
+
+    def load_auxiliary_weights(self) -> None:
+        """Load the auxiliary networks' weights from the files the hyperparameters name; called for a new model
+        (``create_model(..., task="pretraining")``), not when a pretraining checkpoint is loaded."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for network in self.auxiliary_networks().values():
+            network.eval()
+        return self
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters; norms and biases get no weight decay when the recipe is AdamW (DINO, MAE) unless
-        ``decay_norms_and_biases`` (MoCo v3). LARS leaves them out of weight decay itself."""
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        """Trainable parameters (never those of the auxiliary networks). Norms and biases get no weight decay with
+        AdamW (DINO, MAE) unless ``decay_norms_and_biases`` (MoCo v3); LARS leaves them out of decay and adaptation
+        itself (``sslhub.optim.LARS``)."""
+        frozen = {id(p) for network in self.auxiliary_networks().values() for p in network.parameters()}
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in frozen]
         if self.hparams.optimizer != "adamw" or self.decay_norms_and_biases:
             return [{"params": [p for _, p in params], "weight_decay": self.hparams.weight_decay}]
         decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
@@ -164,7 +279,7 @@ class SSLMethod(nn.Module):
         return self.hparams.weight_decay if end is None else cosine_schedule(self.hparams.weight_decay, end, progress)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
-        """Set per-step schedules (temperatures, momenta) before the forward pass."""
+        """Set per-step schedules (temperatures) before the forward pass."""
 
     def on_before_optimizer_step(self, progress: TrainingProgress) -> None:
         """Edit the (unscaled, all-reduced) gradients before the update: global-norm clipping by default."""
@@ -172,4 +287,4 @@ class SSLMethod(nn.Module):
             nn.utils.clip_grad_norm_(self.parameters(), self.hparams.clip_grad)
 
     def on_step_end(self, progress: TrainingProgress) -> None:
-        """Updates after the optimizer step (e.g. teacher EMA)."""
+        """Updates after the optimizer step and the momentum update."""

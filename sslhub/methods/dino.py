@@ -6,18 +6,31 @@ Follows facebookresearch/dino (``main_dino.py``, ``vision_transformer.DINOHead``
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sslhub.backbones import PooledBackbone, default_pooling, is_vision_transformer
+from sslhub.backbones import is_vision_transformer
+from sslhub.batch import Batch
+from sslhub.conversion.keys import (
+    CheckpointLayout,
+    Converted,
+    KeyReader,
+    entry,
+    leftover_entries,
+    prefixed,
+    strip_module,
+)
 from sslhub.distributed import mean_over_processes
 from sslhub.heads import DINOHead
 from sslhub.losses import dino_cross_entropy
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule
+from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule, hparam
+from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import multi_crop_dino
+from sslhub.transforms import BICUBIC, MultiView, asymmetric_pair, blur, color_distortion, crop, flip, view
 
 
 @dataclass
@@ -35,24 +48,95 @@ class DINOHparams(MethodHparams):
     weight_decay_end: float | None = 0.4
     clip_grad: float | None = 3.0
     epochs: int = 100
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    momentum_teacher: float = 0.996
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    freeze_last_layer: int = 1
-    drop_path_rate: float = 0.1
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    local_crop_size: int | None = None
+    out_dim: int = hparam(65536, "number of prototypes K of the DINO head (--out_dim)")
+    hidden_dim: int = hparam(2048, "hidden width of the DINO head's MLP")
+    bottleneck_dim: int = hparam(256, "bottleneck width before the weight-normed last layer")
+    head_layers: int = hparam(3, "number of linear layers of the head's MLP")
+    use_bn_in_head: bool = hparam(False, "BatchNorm in the head's MLP (--use_bn_in_head)")
+    norm_last_layer: bool = hparam(True, "freeze the weight norm g of the last layer at 1 (--norm_last_layer)")
+    momentum_teacher: float = hparam(0.996, "initial teacher momentum, raised to 1 on a cosine (--momentum_teacher)")
+    warmup_teacher_temp: float = hparam(0.04, "initial teacher temperature (--warmup_teacher_temp)")
+    teacher_temp: float = hparam(0.07, "teacher temperature after the warm-up (--teacher_temp)")
+    warmup_teacher_temp_epochs: int = hparam(30, "epochs of the linear teacher-temperature warm-up")
+    student_temp: float = hparam(0.1, "student temperature τ_s")
+    center_momentum: float = hparam(0.9, "momentum of the center c, eq. 4")
+    freeze_last_layer: int = hparam(1, "epochs during which the head's last layer is not updated")
+    drop_path_rate: float = hparam(0.1, "stochastic depth of the student ViT")
+    global_crops_scale: tuple[float, float] = hparam((0.4, 1.0), "area range of the 2 global crops")
+    local_crops_scale: tuple[float, float] = hparam((0.05, 0.4), "area range of the local crops")
+    local_crops_number: int = hparam(8, "number of local crops")
+    local_crop_size: int | None = hparam(None, "side of the local crops (None: 96/224 of the image size)")
+
+
+def dino_views(global_size: int, local_size: int, hp, mean: Sequence[float], std: Sequence[float]) -> MultiView:
+    """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): ``[global 1, global 2, local
+    1..n]``. Every crop is a bicubic random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8) and
+    grayscale (p=0.2); the two global crops are BYOL's pair (global 1 always blurred, global 2 blurred with p=0.1
+    and solarised with p=0.2), the locals blurred with p=0.5."""
+    global_crop = crop(global_size, hp.global_crops_scale, BICUBIC)
+    local = view(
+        crop(local_size, hp.local_crops_scale, BICUBIC),
+        flip(),
+        color_distortion(saturation=0.2),
+        blur(local_size, p=0.5),
+        mean=mean,
+        std=std,
+    )
+    return MultiView(asymmetric_pair(global_crop, global_size, mean, std) + [local] * hp.local_crops_number)
+
+
+DINO_ARGS = (  # main_dino.py arguments with the same meaning as sslhub's DINO hyperparameters
+    "out_dim", "use_bn_in_head", "norm_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp",
+    "warmup_teacher_temp_epochs", "weight_decay", "weight_decay_end", "clip_grad", "epochs", "freeze_last_layer",
+    "lr", "warmup_epochs", "min_lr", "optimizer", "drop_path_rate", "global_crops_scale", "local_crops_number",
+    "local_crops_scale",
+)  # fmt: skip
+
+
+def _dino_head_sizes(head: dict[str, torch.Tensor]) -> dict:
+    """Head shape read off the weights: Linear layers of ``head.mlp``, BatchNorm between them, prototypes."""
+    linear = sorted(int(key.split(".")[1]) for key in head if key.startswith("mlp.") and key.endswith(".weight")
+                    and head[key].ndim == 2)  # fmt: skip
+    weights = [head[f"mlp.{i}.weight"] for i in linear]
+    return {
+        "head_layers": len(weights),
+        "hidden_dim": weights[0].shape[0] if len(weights) > 1 else 2048,
+        "bottleneck_dim": head["last_layer.weight_v"].shape[1],
+        "out_dim": head["last_layer.weight_v"].shape[0],
+        "use_bn_in_head": any(key.endswith("running_mean") for key in head),
+    }
+
+
+def convert_dino_full(container, source: str) -> Converted:
+    """facebookresearch/dino ``main_dino.py`` full checkpoint: ``{'student', 'teacher', 'optimizer', 'epoch',
+    'args', 'dino_loss', ['fp16_scaler']}``. Student and teacher are ``MultiCropWrapper(backbone, DINOHead)``
+    (``backbone.*``, ``head.*``, the student always and a ResNet teacher under DDP's ``module.``);
+    ``dino_loss['center']`` (1, out_dim). The released encoder is the teacher backbone."""
+    parts = {}
+    for role in ("teacher", "student"):
+        reader = KeyReader(strip_module(entry(container, role, source)), f"{source} [{role}]")
+        parts[role] = reader.take("backbone."), reader.take("head.")
+        reader.finish()
+    center = KeyReader(entry(container, "dino_loss", source), f"{source} [dino_loss]")
+    method = {"center": center.take_one("center")}
+    center.finish()
+    encoder_copies = {}
+    for role in ("teacher", "student"):
+        encoder_copies[f"{role}.backbone."], head = parts[role]
+        method.update(prefixed(f"{role}_head.", head))
+    overrides = {}
+    args = container.get("args")
+    if isinstance(args, argparse.Namespace):
+        overrides = {name: getattr(args, name) for name in DINO_ARGS if hasattr(args, name)}
+        if overrides.get("optimizer") not in ("sgd", "adamw", "lars"):
+            overrides.pop("optimizer", None)
+    overrides.update(_dino_head_sizes(parts["teacher"][1]))
+    left_out = leftover_entries(container, {"teacher", "student", "dino_loss"})
+    return Converted("dino_full", parts["teacher"][0], method, encoder_copies, overrides, left_out)
+
+
+def _is_dino_full(container) -> bool:
+    return "teacher" in container and "student" in container
 
 
 @register_method("dino")
@@ -72,20 +156,29 @@ class DINO(SSLMethod):
         " and Bojanowski, Piotr and Joulin, Armand},\n  booktitle={ICCV},\n  year={2021}\n}"
     )
     released = "teacher backbone (without the DINO head)"
+    # facebookresearch/dino eval_linear.py: SGD lr 0.001 per 256 images at batch 1024, 100 epochs, on the class token
+    linear_recipe = LinearRecipe("facebookresearch/dino eval_linear.py (on the pooled features)", 0.001, 100, 1024)
+    checkpoint_layouts = (CheckpointLayout("dino_full", _is_dino_full, convert_dino_full),)
+    tiny_preset = "dino_vit_tiny_patch4_32px"
+    tiny_overrides = {
+        "out_dim": 256,
+        "hidden_dim": 64,
+        "bottleneck_dim": 32,
+        "local_crops_number": 2,
+        "backbone_kwargs": {"depth": 2},
+    }
 
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
         with torch.device("meta"):  # only the architecture is needed to choose the options
-            probe = self.create_backbone()
+            probe = self.build_encoder(config).backbone
         vit = is_vision_transformer(probe)
         extra = {"dynamic_img_size": True} if hasattr(probe, "dynamic_img_size") else {}  # timm ViTs; XCiT is native
-        student = self.create_backbone(drop_path_rate=hp.drop_path_rate, **extra) if vit else self.create_backbone()
-        teacher = self.create_backbone(**extra)
-        teacher.load_state_dict(student.state_dict())
-        pooling = config.pooling or default_pooling(student)
-        self.student = PooledBackbone(student, pooling)
-        self.teacher = PooledBackbone(teacher, pooling).requires_grad_(False)
+        self.student = self.build_encoder(config, **extra, **({"drop_path_rate": hp.drop_path_rate} if vit else {}))
+        self.teacher = self.build_encoder(config, **extra).requires_grad_(False)
+        self.teacher.load_state_dict(self.student.state_dict())
+        student = self.student.backbone
         head_kwargs = dict(
             out_dim=hp.out_dim,
             hidden_dim=hp.hidden_dim,
@@ -98,11 +191,10 @@ class DINO(SSLMethod):
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         self.register_buffer("center", torch.zeros(1, hp.out_dim))
         self.teacher_temperature = hp.warmup_teacher_temp
-        self.teacher_momentum = hp.momentum_teacher
 
     @property
-    def released_backbone(self):
-        return self.teacher.backbone
+    def released_encoder(self):
+        return self.teacher
 
     def local_crop_size(self) -> int:
         """``local_crop_size`` or 96/224 of the image size, rounded to a multiple of the ViT patch size."""
@@ -112,17 +204,9 @@ class DINO(SSLMethod):
         patch = getattr(getattr(self.student.backbone, "patch_embed", None), "patch_size", (1, 1))[0]
         return max(patch, round(size / patch) * patch)
 
-    def view_transform(self):
-        cfg, hp = self.config, self.hparams
-        return multi_crop_dino(
-            cfg.image_size,
-            self.local_crop_size(),
-            hp.local_crops_number,
-            global_scale=tuple(hp.global_crops_scale),
-            local_scale=tuple(hp.local_crops_scale),
-            mean=cfg.image_mean,
-            std=cfg.image_std,
-        )
+    def view_recipe(self):
+        cfg = self.config
+        return dino_views(cfg.image_size, self.local_crop_size(), self.hparams, cfg.image_mean, cfg.image_std)
 
     @staticmethod
     def _multi_crop_forward(backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -146,9 +230,9 @@ class DINO(SSLMethod):
 
     def on_step_start(self, progress: TrainingProgress) -> None:
         self.teacher_temperature = self.teacher_temperature_at(progress.epoch)
-        self.teacher_momentum = cosine_schedule(self.hparams.momentum_teacher, 1.0, progress)
 
-    def forward(self, views: list[torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         if len(views) < 2:
             raise ValueError(f"DINO takes 2 global crops (+ local crops), got {len(views)} view(s)")
         with torch.no_grad():
@@ -178,11 +262,12 @@ class DINO(SSLMethod):
             for param in self.student_head.last_layer.parameters():
                 param.grad = None
 
-    @torch.no_grad()
-    def on_step_end(self, progress: TrainingProgress) -> None:
-        student = [*self.student.parameters(), *self.student_head.parameters()]
-        teacher = [*self.teacher.parameters(), *self.teacher_head.parameters()]
-        torch._foreach_lerp_(teacher, student, 1 - self.teacher_momentum)
+    def momentum_pairs(self):
+        return [(self.student, self.teacher), (self.student_head, self.teacher_head)]
+
+    def momentum_at(self, progress: TrainingProgress) -> float:
+        """``momentum_schedule[it]``: cosine from ``momentum_teacher`` to 1, applied after step ``it``."""
+        return cosine_schedule(self.hparams.momentum_teacher, 1.0, progress)
 
 
 for _arch in (

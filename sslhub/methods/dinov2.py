@@ -8,6 +8,7 @@ Follows facebookresearch/dinov2 (``train/ssl_meta_arch.py``, ``train/train.py``,
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,12 +17,22 @@ from timm.layers import DropPath
 from torch import nn
 
 from sslhub.backbones import is_vision_transformer
+from sslhub.batch import Batch, Sample, batch_generator
 from sslhub.heads import DINOHead
 from sslhub.losses import ibot_patch_cross_entropy, koleo_loss, multi_crop_cross_entropy, sinkhorn_knopp
 from sslhub.masking import BlockMaskingGenerator, sample_ibot_masks
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule
+from sslhub.methods.base import (
+    ExportTargets,
+    MethodHparams,
+    MethodOutput,
+    SSLMethod,
+    TrainingProgress,
+    cosine_schedule,
+    hparam,
+)
+from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import multi_crop_dinov2
+from sslhub.transforms import BICUBIC, MultiView, asymmetric_pair, blur, color_distortion, crop, flip, view
 
 EMBEDDING_PARAMETERS = ("pos_embed", "patch_embed", "cls_token", "reg_token", "mask_token")  # "layer 0" of the lr decay
 NO_WEIGHT_DECAY = ("norm", "gamma")  # besides biases; ``gamma`` = layer scale (``get_params_groups_with_decay``)
@@ -55,37 +66,78 @@ class DINOv2Hparams(MethodHparams):
     weight_decay_end: float | None = 0.4
     clip_grad: float | None = 3.0
     epochs: int = 100
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
-    freeze_last_layer_epochs: int = 1
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    ibot_separate_head: bool = False
-    ibot_out_dim: int = 65536
-    ibot_hidden_dim: int = 2048
-    ibot_bottleneck_dim: int = 256
-    ibot_head_layers: int = 3
-    dino_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    ibot_loss_weight: float = 1.0
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    mask_sample_probability: float = 0.5
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
-    student_temp: float = 0.1
-    sinkhorn_iterations: int = 3
-    drop_path_rate: float = 0.3
-    drop_path_uniform: bool = True
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    local_crops_number: int = 8
-    global_crops_size: int | None = None
-    local_crops_size: int | None = None
+    layerwise_decay: float = hparam(0.9, "layer-wise lr decay [optim.layerwise_decay]")
+    patch_embed_lr_mult: float = hparam(0.2, "lr multiplier of the patch embedding [optim.patch_embed_lr_mult]")
+    freeze_last_layer_epochs: int = hparam(1, "epochs without updates of the heads' last layers")
+    out_dim: int = hparam(65536, "prototypes of the DINO head [dino.head_n_prototypes]")
+    hidden_dim: int = hparam(2048, "hidden width of the DINO head [dino.head_hidden_dim]")
+    bottleneck_dim: int = hparam(256, "bottleneck width of the DINO head [dino.head_bottleneck_dim]")
+    head_layers: int = hparam(3, "linear layers of the DINO head [dino.head_nlayers]")
+    ibot_separate_head: bool = hparam(False, "a separate iBOT head instead of sharing the DINO head")
+    ibot_out_dim: int = hparam(65536, "prototypes of a separate iBOT head [ibot.head_n_prototypes]")
+    ibot_hidden_dim: int = hparam(2048, "hidden width of a separate iBOT head")
+    ibot_bottleneck_dim: int = hparam(256, "bottleneck width of a separate iBOT head")
+    ibot_head_layers: int = hparam(3, "linear layers of a separate iBOT head")
+    dino_loss_weight: float = hparam(1.0, "weight of the image-level DINO loss [dino.loss_weight]")
+    koleo_loss_weight: float = hparam(0.1, "weight of the KoLeo regulariser [dino.koleo_loss_weight]")
+    ibot_loss_weight: float = hparam(1.0, "weight of the patch-level iBOT loss [ibot.loss_weight]")
+    mask_ratio_min_max: tuple[float, float] = hparam(
+        (0.1, 0.5), "range of masked-patch ratios [ibot.mask_ratio_min_max]"
+    )
+    mask_sample_probability: float = hparam(0.5, "fraction of global crops masked [ibot.mask_sample_probability]")
+    momentum_teacher: float = hparam(0.992, "initial teacher momentum [teacher.momentum_teacher]")
+    final_momentum_teacher: float = hparam(1.0, "final teacher momentum [teacher.final_momentum_teacher]")
+    warmup_teacher_temp: float = hparam(0.04, "initial teacher temperature [teacher.warmup_teacher_temp]")
+    teacher_temp: float = hparam(0.07, "teacher temperature after the warm-up [teacher.teacher_temp]")
+    warmup_teacher_temp_epochs: int = hparam(30, "epochs of the teacher-temperature warm-up")
+    student_temp: float = hparam(0.1, "student temperature τ_s")
+    sinkhorn_iterations: int = hparam(3, "Sinkhorn-Knopp iterations of the teacher centering")
+    drop_path_rate: float = hparam(0.3, "stochastic depth of the student [student.drop_path_rate]")
+    drop_path_uniform: bool = hparam(True, "the same drop-path rate in every block [student.drop_path_uniform]")
+    global_crops_scale: tuple[float, float] = hparam((0.32, 1.0), "area range of the 2 global crops")
+    local_crops_scale: tuple[float, float] = hparam((0.05, 0.32), "area range of the local crops")
+    local_crops_number: int = hparam(8, "number of local crops [crops.local_crops_number]")
+    global_crops_size: int | None = hparam(None, "side of the global crops (None: the image size)")
+    local_crops_size: int | None = hparam(None, "side of the local crops (None: 96/224 of the global size)")
+
+
+class DINOv2Views(MultiView):
+    """DINOv2 ``DataAugmentationDINO`` (facebookresearch/dinov2 ``data/augmentations.py``, crop scales of
+    ``ssl_default_config.yaml``) and ``collate_data_and_cast``: DINO's multi-crop with the blur as the released models
+    were trained, and the iBOT masks of the global crops drawn per batch. DINOv2's ``GaussianBlur(p)``
+    (``data/transforms.py``) hands ``RandomApply`` the probability ``1 - p``, and torchvision applies with the
+    probability it is given: global 1 (p=1.0) is never blurred, global 2 (p=0.1) is blurred with probability 0.9,
+    the locals with 0.5; torchvision blur, 9 x 9 kernel, σ ~ U[0.1, 2]. ``collate`` adds ``extras["masks"]``
+    (2B, L): block masks of the global crops, crop 1's images then crop 2's (``sample_ibot_masks``)."""
+
+    def __init__(self, global_size: int, local_size: int, patch_size: int, hp, mean: Sequence[float], std):
+        global_crop = crop(global_size, hp.global_crops_scale, BICUBIC)
+        local = view(
+            crop(local_size, hp.local_crops_scale, BICUBIC),
+            flip(),
+            color_distortion(saturation=0.2),
+            blur(local_size, p=0.5, kernel_size=9),
+            mean=mean,
+            std=std,
+        )
+        pair = asymmetric_pair(global_crop, global_size, mean, std, blur_p=(0.0, 0.9), blur_kernel_size=9)
+        super().__init__(pair + [local] * hp.local_crops_number)
+        grid = (global_size // patch_size, global_size // patch_size)
+        self.mask_generator = BlockMaskingGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
+        self.mask_ratio_min_max = tuple(hp.mask_ratio_min_max)
+        self.mask_probability = hp.mask_sample_probability
+
+    def collate(self, samples: Sequence[Sample]) -> Batch:
+        batch = super().collate(samples)
+        masks = sample_ibot_masks(
+            2 * len(samples),
+            self.mask_generator,
+            self.mask_ratio_min_max,
+            self.mask_probability,
+            batch_generator(samples),
+        )
+        batch.extras["masks"] = masks
+        return batch
 
 
 def uniform_drop_path_(vit: nn.Module, rate: float) -> None:
@@ -164,33 +216,46 @@ class DINOv2(SSLMethod):
         " Piotr},\n  journal={Transactions on Machine Learning Research},\n  year={2024}\n}"
     )
     released = "teacher backbone (without the DINO / iBOT heads and the mask token)"
+    # DINOv2 reports linear probes with its eval/linear.py grid search; sslhub uses DINO's eval_linear.py recipe
+    linear_recipe = LinearRecipe("facebookresearch/dino eval_linear.py (DINOv2 grid-searches lr)", 0.001, 100, 1024)
+    tiny_preset = "dinov2_vit_tiny_patch4_32px"
+    # layer scale and registers do not fit ViTModel; transformers' Dinov2Model is not written by sslhub.export yet
+    export_targets = ExportTargets(encoder=None)
+    tiny_overrides = {
+        "out_dim": 256,
+        "ibot_out_dim": 256,
+        "hidden_dim": 64,
+        "bottleneck_dim": 32,
+        "local_crops_number": 2,
+        "backbone_kwargs": {"depth": 2},
+    }
 
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
-        student = self.create_backbone(drop_path_rate=hp.drop_path_rate, dynamic_img_size=True)
+        student_encoder = self.build_encoder(config, drop_path_rate=hp.drop_path_rate, dynamic_img_size=True)
+        student = student_encoder.backbone
         if not is_vision_transformer(student) or getattr(student, "cls_token", None) is None:
             raise ValueError(f"DINOv2 needs a timm ViT with a class token, got {config.backbone!r}")
         if hp.drop_path_uniform:
             uniform_drop_path_(student, hp.drop_path_rate)
-        teacher = self.create_backbone(dynamic_img_size=True)
-        teacher.load_state_dict(student.state_dict())
+        teacher_encoder = self.build_encoder(config, dynamic_img_size=True)
+        teacher_encoder.load_state_dict(student_encoder.state_dict())
         dim = student.num_features
         heads = {"dino_head": _head(dim, hp.out_dim, hp.hidden_dim, hp.bottleneck_dim, hp.head_layers)}
         if hp.ibot_separate_head:
             heads["ibot_head"] = _head(
                 dim, hp.ibot_out_dim, hp.ibot_hidden_dim, hp.ibot_bottleneck_dim, hp.ibot_head_layers
             )
-        self.student = nn.ModuleDict({"backbone": student, **heads})
-        self.teacher = nn.ModuleDict({"backbone": teacher, **copy.deepcopy(heads)}).requires_grad_(False)
+        self.student = nn.ModuleDict({"encoder": student_encoder, **heads})
+        self.teacher = nn.ModuleDict({"encoder": teacher_encoder, **copy.deepcopy(heads)}).requires_grad_(False)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.patch_size = student.patch_embed.patch_size
         self.teacher_temperature = hp.warmup_teacher_temp
-        self.teacher_momentum = hp.momentum_teacher
 
     @property
-    def released_backbone(self):
-        return self.teacher["backbone"]
+    def released_encoder(self):
+        return self.teacher["encoder"]
 
     # ---- views and masks ---------------------------------------------------------------------------------------
     def crop_sizes(self) -> tuple[int, int]:
@@ -201,20 +266,14 @@ class DINOv2(SSLMethod):
         local_size = hp.local_crops_size or max(patch, round(global_size * 96 / 224 / patch) * patch)
         return global_size, local_size
 
-    def view_transform(self):
-        cfg, hp = self.config, self.hparams
-        return multi_crop_dinov2(
-            *self.crop_sizes(),
-            hp.local_crops_number,
-            global_scale=tuple(hp.global_crops_scale),
-            local_scale=tuple(hp.local_crops_scale),
-            mean=cfg.image_mean,
-            std=cfg.image_std,
-        )
+    def view_recipe(self):
+        cfg = self.config
+        return DINOv2Views(*self.crop_sizes(), self.patch_size[0], self.hparams, cfg.image_mean, cfg.image_std)
 
     def sample_masks(self, global_crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(N, L) masks of the N global crops: block masking with at most half of the patches per block
-        (``train.py``'s ``MaskingGenerator``), ratios and masked fraction as ``collate_data_and_cast``."""
+        """(N, L) masks of the N global crops, for batches that come without them (views given directly): block
+        masking with at most half of the patches per block (``train.py``'s ``MaskingGenerator``), ratios and masked
+        fraction as ``collate_data_and_cast``."""
         grid = tuple(side // patch for side, patch in zip(global_crops.shape[-2:], self.patch_size, strict=True))
         blocks = BlockMaskingGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
         hp = self.hparams
@@ -234,9 +293,15 @@ class DINOv2(SSLMethod):
         return hp.warmup_teacher_temp + (hp.teacher_temp - hp.warmup_teacher_temp) * progress.step / max(1, warmup - 1)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
-        hp = self.hparams
         self.teacher_temperature = self.teacher_temperature_at(progress)
-        self.teacher_momentum = cosine_schedule(hp.momentum_teacher, hp.final_momentum_teacher, progress)
+
+    def momentum_pairs(self):
+        """Teacher ← m teacher + (1 - m) student, module by module (``update_teacher``)."""
+        return [(self.student, self.teacher)]
+
+    def momentum_at(self, progress: TrainingProgress) -> float:
+        hp = self.hparams
+        return cosine_schedule(hp.momentum_teacher, hp.final_momentum_teacher, progress)
 
     # ---- objective ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -248,30 +313,30 @@ class DINOv2(SSLMethod):
         return logits.split([len(cls_tokens), len(patch_tokens)])
 
     def _class_and_patches(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tokens[:, 0], tokens[:, self.student["backbone"].num_prefix_tokens :]
+        return tokens[:, 0], tokens[:, self.student["encoder"].num_prefix_tokens :]
 
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinkhorn-Knopp assignments of the teacher: (N, K) for the class tokens, (M, K') for the masked patches."""
-        cls_tokens, patches = self._class_and_patches(self.teacher["backbone"].forward_features(global_crops))
+        cls_tokens, patches = self._class_and_patches(self.teacher["encoder"].forward_features(global_crops))
         cls_logits, patch_logits = self._head_outputs(self.teacher, cls_tokens, patches[masks])
         centre = partial(
             sinkhorn_knopp, temperature=self.teacher_temperature, iterations=self.hparams.sinkhorn_iterations
         )
         return centre(cls_logits), centre(patch_logits)
 
-    def forward(
-        self, views: list[torch.Tensor], masks: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> MethodOutput:
-        """``views``: 2 global crops, then local crops of one size. ``masks`` (2B, L) for the global crops (crop 1's
-        images, then crop 2's) are sampled when not given."""
+    def forward(self, batch: Batch) -> MethodOutput:
+        """``batch.views``: 2 global crops, then local crops of one size. ``batch.extras["masks"]`` (2B, L) for the
+        global crops (crop 1's images, then crop 2's), from ``DINOv2Views.collate``; sampled when absent."""
+        views = batch.views
         if len(views) < 2:
             raise ValueError(f"DINOv2 takes 2 global crops (+ local crops), got {len(views)} view(s)")
         hp = self.hparams
         global_crops = torch.cat(views[:2])
-        masks = self.sample_masks(global_crops, generator) if masks is None else masks
+        masks = batch.extras.get("masks")
+        masks = self.sample_masks(global_crops) if masks is None else masks.to(global_crops.device)
         teacher_cls, teacher_patches = self.teacher_targets(global_crops, masks)
-        student = self.student["backbone"]
+        student = self.student["encoder"].backbone
         global_cls, patches = self._class_and_patches(
             masked_forward_features(student, global_crops, masks, self.mask_token)
         )
@@ -289,7 +354,7 @@ class DINOv2(SSLMethod):
         """(name in its student module, parameter, lr scale) for every trainable parameter (the mask token belongs
         to the backbone, as in ``DinoVisionTransformer``)."""
         hp = self.hparams
-        backbone = self.student["backbone"]
+        backbone = self.student["encoder"].backbone
         depth = len(backbone.blocks)
         for name, param in [*backbone.named_parameters(), ("mask_token", self.mask_token)]:
             scale = hp.layerwise_decay ** (depth + 1 - _layer_id(name, depth))
@@ -310,10 +375,10 @@ class DINOv2(SSLMethod):
         ]
 
     def _student_heads(self) -> list[DINOHead]:
-        return [module for key, module in self.student.items() if key != "backbone"]
+        return [module for key, module in self.student.items() if key != "encoder"]
 
     def _clipped_modules(self) -> list[list[nn.Parameter]]:
-        backbone = [*self.student["backbone"].parameters(), self.mask_token]
+        backbone = [*self.student["encoder"].parameters(), self.mask_token]
         return [backbone] + [list(head.parameters()) for head in self._student_heads()]
 
     def on_before_optimizer_step(self, progress: TrainingProgress) -> None:
@@ -326,12 +391,6 @@ class DINOv2(SSLMethod):
             for head in self._student_heads():
                 for param in head.last_layer.parameters():
                     param.grad = None
-
-    @torch.no_grad()
-    def on_step_end(self, progress: TrainingProgress) -> None:
-        """Teacher ← m teacher + (1 - m) student, module by module (``update_teacher``)."""
-        teacher, student = list(self.teacher.parameters()), list(self.student.parameters())
-        torch._foreach_lerp_(teacher, student, 1 - self.teacher_momentum)
 
 
 PATCH14_CROPS = {"global_crops_size": 224, "local_crops_size": 98}  # train/vitl14.yaml, vitg14.yaml

@@ -10,14 +10,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import ViTMAEConfig
 
 from sslhub.backbones import is_vision_transformer
+from sslhub.batch import Batch
+from sslhub.conversion.hf_transformers import hf_encoder_state, left_out_entries, mae_decoder_from_transformers
+from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, prefixed
+from sslhub.conversion.loading import CheckpointError
 from sslhub.heads import MAEDecoder, xavier_init_weights
 from sslhub.losses import masked_patch_mse
 from sslhub.masking import patchify, random_masking, sincos_2d_position_embedding
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod
+from sslhub.methods.base import ExportTargets, MethodHparams, MethodOutput, SSLMethod, hparam
+from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import single_view_mae
+from sslhub.transforms import BICUBIC, MultiView, crop, flip, view
 
 
 @dataclass
@@ -31,12 +37,67 @@ class MAEHparams(MethodHparams):
     weight_decay: float = 0.05
     warmup_epochs: float = 40
     epochs: int = 800
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    crop_scale_min: float = 0.2
+    mask_ratio: float = hparam(0.75, "fraction of the patches masked (--mask_ratio)")
+    norm_pix_loss: bool = hparam(True, "targets = pixels normalised per patch (--norm_pix_loss)")
+    decoder_embed_dim: int = hparam(512, "width of the decoder")
+    decoder_depth: int = hparam(8, "Transformer blocks of the decoder")
+    decoder_num_heads: int = hparam(16, "attention heads of the decoder")
+    crop_scale_min: float = hparam(0.2, "smallest area fraction of the random resized crop")
+
+
+MAE_DECODER_KEYS = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                    "decoder_pred.")  # fmt: skip
+
+
+def convert_mae(container, source: str) -> Converted:
+    """facebookresearch/mae ``util/misc.py save_model``: ``{'model', ['optimizer', 'epoch', 'scaler', 'args']}``;
+    ``model`` = ``MaskedAutoencoderViT`` (timm ViT names, fixed sin-cos ``pos_embed``) with the decoder
+    (``mask_token``, ``decoder_*``) in pretraining / visualisation files; the released ``mae_pretrain_*.pth``
+    files hold the encoder only."""
+    reader = KeyReader(entry(container, "model", source), source)
+    decoder = {}
+    for prefix in MAE_DECODER_KEYS:
+        decoder.update(prefixed(prefix, reader.take(prefix)))
+    encoder = reader.take("")
+    reader.finish()
+    left_out = leftover_entries(container, {"model"})
+    if not decoder:
+        return Converted("mae", encoder, left_out=left_out)
+    blocks = {int(key.split(".")[1]) for key in decoder if key.startswith("decoder_blocks.")}
+    overrides = {"decoder_embed_dim": decoder["decoder_embed.weight"].shape[0], "decoder_depth": len(blocks)}
+    return Converted("mae", encoder, prefixed("decoder.", decoder), {"encoder.backbone.": encoder}, overrides, left_out)
+
+
+def _is_mae(container) -> bool:
+    model = container.get("model")
+    return isinstance(model, dict) and any(key.startswith("patch_embed.") for key in model)
+
+
+def convert_vit_mae_for_pretraining(container, source: str) -> Converted:
+    """A transformers ``ViTMAEForPreTraining`` directory: the encoder (``vit.*``) in timm names and the decoder
+    (``decoder.*``) as MAE's ``MAEDecoder``, with the decoder sizes, ``mask_ratio`` and ``norm_pix_loss`` of its
+    config as hyperparameters."""
+    state_dict = container["state_dict"]
+    config = ViTMAEConfig.from_dict(container["config"])
+    backbone, ignored = hf_encoder_state(state_dict, container["config"], source)
+    try:
+        decoder, decoder_ignored = mae_decoder_from_transformers(state_dict, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    overrides = {
+        "decoder_embed_dim": config.decoder_hidden_size,
+        "decoder_depth": config.decoder_num_hidden_layers,
+        "decoder_num_heads": config.decoder_num_attention_heads,
+        "mask_ratio": config.mask_ratio,
+        "norm_pix_loss": config.norm_pix_loss,
+    }
+    left_out = left_out_entries({key: rule for key, rule in ignored.items() if key in decoder_ignored})
+    method = prefixed("decoder.", decoder)
+    return Converted("vit_mae", backbone, method, {"encoder.backbone.": backbone}, overrides, left_out)
+
+
+def _is_vit_mae_for_pretraining(container) -> bool:
+    return any(key.startswith("decoder.") for key in container["state_dict"])
 
 
 @register_method("mae")
@@ -56,19 +117,32 @@ class MAE(SSLMethod):
         " and Girshick, Ross},\n  booktitle={CVPR},\n  year={2022}\n}"
     )
     released = "encoder (ViT without the decoder)"
+    # facebookresearch/mae main_linprobe.py: LARS lr 0.1 per 256 images at batch 16384, 90 epochs (10 warm-up),
+    # BatchNorm without affine before the linear layer
+    linear_recipe = LinearRecipe(
+        "facebookresearch/mae main_linprobe.py", 0.1, 90, 16384, optimizer="lars", warmup_epochs=10, batchnorm=True
+    )
+    checkpoint_layouts = (
+        CheckpointLayout("mae", _is_mae, convert_mae),
+        CheckpointLayout("vit_mae", _is_vit_mae_for_pretraining, convert_vit_mae_for_pretraining, ("vit_mae",)),
+    )
+    export_targets = ExportTargets(encoder="ViTMAEModel", pretraining="ViTMAEForPreTraining")
+    tiny_preset = "mae_vit_tiny_patch4_32px"
+    tiny_overrides = {"decoder_depth": 1, "decoder_embed_dim": 64, "backbone_kwargs": {"depth": 2}}
 
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
-        self.encoder = self.create_backbone()
-        if not is_vision_transformer(self.encoder) or getattr(self.encoder, "cls_token", None) is None:
+        self.encoder = self.build_encoder(config)
+        vit = self.encoder.backbone
+        if not is_vision_transformer(vit) or getattr(vit, "cls_token", None) is None:
             raise ValueError(f"MAE needs a ViT backbone with a class token, got {config.backbone!r}")
         self._init_encoder()
-        self.patch_size = self.encoder.patch_embed.patch_size[0]
+        self.patch_size = vit.patch_embed.patch_size[0]
         self.decoder = MAEDecoder(
-            self.encoder.patch_embed.grid_size,
+            vit.patch_embed.grid_size,
             self.patch_size,
-            self.encoder.embed_dim,
+            vit.embed_dim,
             embed_dim=hp.decoder_embed_dim,
             depth=hp.decoder_depth,
             num_heads=hp.decoder_num_heads,
@@ -77,7 +151,7 @@ class MAE(SSLMethod):
     def _init_encoder(self) -> None:
         """``MaskedAutoencoderViT.initialize_weights``: fixed sin-cos position embedding, xavier patch projection
         and linear layers, normal(0.02) class token."""
-        enc = self.encoder
+        enc = self.encoder.backbone
         pos = sincos_2d_position_embedding(enc.embed_dim, enc.patch_embed.grid_size, cls_token=True)
         enc.pos_embed.data.copy_(pos.unsqueeze(0))
         enc.pos_embed.requires_grad_(False)
@@ -87,26 +161,30 @@ class MAE(SSLMethod):
         nn.init.normal_(enc.cls_token, std=0.02)
 
     @property
-    def released_backbone(self):
+    def released_encoder(self):
         return self.encoder
 
-    def view_transform(self):
+    def view_recipe(self):
+        """``main_pretrain.py``: bicubic random resized crop and horizontal flip, nothing else."""
         cfg = self.config
-        return single_view_mae(cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0))
+        pieces = crop(cfg.image_size, (self.hparams.crop_scale_min, 1.0), BICUBIC), flip()
+        return MultiView([view(*pieces, mean=cfg.image_mean, std=cfg.image_std)])
 
     def encode_visible(self, images: torch.Tensor, noise: torch.Tensor | None = None):
         """``forward_encoder``: embed patches, add position embeddings, keep a random 25 %, prepend the class token,
         run the blocks and the final norm. Returns (tokens, mask, ids_restore)."""
-        enc = self.encoder
+        enc = self.encoder.backbone
         patches = enc.patch_embed(images) + enc.pos_embed[:, 1:]
         visible, mask, ids_restore = random_masking(patches, self.hparams.mask_ratio, noise)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(visible.shape[0], -1, -1)
         tokens = enc.norm(enc.blocks(enc.norm_pre(torch.cat([cls, visible], dim=1))))
         return tokens, mask, ids_restore
 
-    def forward(self, views: list[torch.Tensor], noise: torch.Tensor | None = None) -> MethodOutput:
-        images = views[0]
-        tokens, mask, ids_restore = self.encode_visible(images, noise)
+    def forward(self, batch: Batch) -> MethodOutput:
+        """``batch.views[0]``: the images; ``batch.extras["noise"]`` (B, L), optional: the masking noise (the
+        lowest-noise patches stay visible), drawn uniformly when absent."""
+        images = batch.views[0]
+        tokens, mask, ids_restore = self.encode_visible(images, batch.extras.get("noise"))
         prediction = self.decoder(tokens, ids_restore)
         loss = masked_patch_mse(prediction, patchify(images, self.patch_size), mask, self.hparams.norm_pix_loss)
         return MethodOutput(loss)

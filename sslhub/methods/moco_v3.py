@@ -14,14 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslhub.backbones import PooledBackbone, default_pooling, is_vision_transformer
+from sslhub.backbones import is_vision_transformer
+from sslhub.batch import Batch
+from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, prefixed
+from sslhub.conversion.loading import CheckpointError
 from sslhub.distributed import gather_all, rank
 from sslhub.heads import MLPHead
 from sslhub.losses import moco_v3_contrastive
 from sslhub.masking import sincos_2d_position_embedding
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule
+from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule, hparam
+from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import two_view_moco_v3
+from sslhub.transforms import MultiView, asymmetric_pair, crop
 
 
 @dataclass
@@ -37,13 +41,13 @@ class MoCoV3Hparams(MethodHparams):
     weight_decay: float = 1e-6
     warmup_epochs: float = 10
     epochs: int = 100
-    embed_dim: int = 256
-    mlp_hidden_dim: int = 4096
-    temperature: float = 1.0
-    momentum: float = 0.99
-    momentum_cosine: bool = True
-    crop_scale_min: float = 0.08
-    stop_grad_conv1: bool = True
+    embed_dim: int = hparam(256, "output dimension of the projector and predictor (--moco-dim)")
+    mlp_hidden_dim: int = hparam(4096, "hidden width of the projector and predictor (--moco-mlp-dim)")
+    temperature: float = hparam(1.0, "softmax temperature τ of the contrastive loss (--moco-t)")
+    momentum: float = hparam(0.99, "initial momentum m of the momentum encoder (--moco-m)")
+    momentum_cosine: bool = hparam(True, "raise the momentum to 1 on a half-cosine (--moco-m-cos)")
+    crop_scale_min: float = hparam(0.08, "smallest area fraction of the random resized crop (--crop-min)")
+    stop_grad_conv1: bool = hparam(True, "ViTs: keep the random patch projection frozen (§4.2, --stop-grad-conv1)")
 
 
 VIT_RECIPE = {  # CONFIG.md, ViT-S and ViT-B: AdamW, 300 epochs, 40 warm-up, τ = 0.2, --stop-grad-conv1
@@ -73,6 +77,36 @@ def init_moco_v3_vit_(vit: nn.Module, stop_grad_conv1: bool) -> None:
     vit.pos_embed.requires_grad_(False)
 
 
+def convert_moco_v3(container, source: str) -> Converted:
+    """facebookresearch/moco-v3 ``main_moco.py``: ``{'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}``;
+    ``state_dict`` of DDP(MoCo_ResNet / MoCo_ViT): ``module.base_encoder.*`` and ``module.momentum_encoder.*``
+    (backbone with the projector ``_build_mlp`` in the classifier slot, ``fc`` for ResNets, ``head`` for ViTs) and
+    ``module.predictor.*``. The released encoder is the base encoder without the projector."""
+    reader = KeyReader(entry(container, "state_dict", source), source)
+    encoders, projectors = {}, {}
+    for name in ("base", "momentum"):
+        encoder = reader.take(f"module.{name}_encoder.")
+        if not encoder:
+            raise CheckpointError(f"{source}: no 'module.{name}_encoder.' keys: not a MoCo v3 checkpoint")
+        slot = "head." if any(key.startswith("head.") for key in encoder) else "fc."
+        projectors[name] = {key[len(slot) :]: value for key, value in encoder.items() if key.startswith(slot)}
+        encoders[name] = {key: value for key, value in encoder.items() if not key.startswith(slot)}
+    predictor = reader.take("module.predictor.")
+    reader.finish()
+    method = prefixed("base_projector.", projectors["base"]) | prefixed("momentum_projector.", projectors["momentum"])
+    method |= prefixed("predictor.", predictor)
+    copies = {"base_encoder.backbone.": encoders["base"], "momentum_encoder.backbone.": encoders["momentum"]}
+    linear = [value for key, value in projectors["base"].items() if key.endswith("weight") and value.ndim == 2]
+    overrides = {"mlp_hidden_dim": linear[0].shape[0], "embed_dim": linear[-1].shape[0]}
+    left_out = leftover_entries(container, {"state_dict"})
+    return Converted("moco_v3", encoders["base"], method, copies, overrides, left_out)
+
+
+def _is_moco_v3(container) -> bool:
+    state = container.get("state_dict")
+    return isinstance(state, dict) and any(key.startswith("module.base_encoder.") for key in state)
+
+
 @register_method("moco_v3")
 class MoCoV3(SSLMethod):
     """Base encoder f_q = backbone + projector, followed by a predictor; momentum encoder f_k = EMA of the backbone
@@ -81,6 +115,8 @@ class MoCoV3(SSLMethod):
     batch, times 2τ (Algorithm 1). No queue. Projector / predictor as ``builder._build_mlp``: ResNets 2 / 2 layers
     (predictor without last BN), ViTs 3 / 2 layers (both with last BN). Weight decay on every trainable parameter,
     as ``main_moco.py`` hands all parameters to AdamW and LARS. The released encoder is the base backbone.
+    The momentum encoder is updated by the trainer after each optimizer step with the momentum of the next step, as
+    the official code updates it at the start of the next forward pass (``momentum_pairs`` / ``momentum_at``).
     Deviation: BatchNorm statistics are per process (the official code converts to SyncBN).
     """
 
@@ -94,15 +130,20 @@ class MoCoV3(SSLMethod):
     )
     released = "base encoder (backbone without the projector)"
     decay_norms_and_biases = True
+    # facebookresearch/moco-v3 main_lincls.py: SGD lr 0.1 per 256 images at batch 1024, 90 epochs, no weight decay
+    linear_recipe = LinearRecipe("facebookresearch/moco-v3 main_lincls.py", 0.1, 90, 1024)
+    checkpoint_layouts = (CheckpointLayout("moco_v3", _is_moco_v3, convert_moco_v3),)
+    tiny_preset = "moco_v3_vit_tiny_patch4_32px"
+    tiny_overrides = {"mlp_hidden_dim": 64, "embed_dim": 32, "backbone_kwargs": {"depth": 2}}
 
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
-        backbone = self.create_backbone()
+        self.base_encoder = self.build_encoder(config)
+        backbone = self.base_encoder.backbone
         vit = is_vision_transformer(backbone)
         if vit:
             init_moco_v3_vit_(backbone, hp.stop_grad_conv1)
-        self.base_encoder = PooledBackbone(backbone, config.pooling or default_pooling(backbone))
         hidden, out = hp.mlp_hidden_dim, hp.embed_dim
         projector_dims = (backbone.num_features, *[hidden] * (2 if vit else 1), out)
         self.base_projector = MLPHead(projector_dims, batch_norm=True, bias=False, last_bn=True)
@@ -112,39 +153,43 @@ class MoCoV3(SSLMethod):
         self.momentum = hp.momentum
 
     @property
-    def released_backbone(self):
-        return self.base_encoder.backbone
+    def released_encoder(self):
+        return self.base_encoder
 
-    def view_transform(self):
+    def view_recipe(self):
+        """``main_moco.py``: BYOL's asymmetric pair with bilinear random resized crops. The official code flips
+        last; flipping commutes with the colour operations and the isotropic blur, so the views have the same
+        distribution."""
         cfg = self.config
-        return two_view_moco_v3(cfg.image_size, cfg.image_mean, cfg.image_std, scale=(self.hparams.crop_scale_min, 1.0))
+        crop_transform = crop(cfg.image_size, (self.hparams.crop_scale_min, 1.0))
+        return MultiView(asymmetric_pair(crop_transform, cfg.image_size, cfg.image_mean, cfg.image_std))
 
-    def momentum_at(self, progress: TrainingProgress) -> float:
+    def momentum_schedule(self, progress: TrainingProgress) -> float:
         """``adjust_moco_momentum``: ``1 - (1 + cos(π t / T)) (1 - m) / 2`` at fractional epoch t of T."""
         hp = self.hparams
         return cosine_schedule(hp.momentum, 1.0, progress) if hp.momentum_cosine else hp.momentum
 
     def on_step_start(self, progress: TrainingProgress) -> None:
-        self.momentum = self.momentum_at(progress)
+        self.momentum = self.momentum_schedule(progress)
 
-    @torch.no_grad()
-    def _update_momentum_encoder(self) -> None:
-        base = [*self.base_encoder.parameters(), *self.base_projector.parameters()]
-        momentum = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
-        torch._foreach_lerp_(momentum, base, 1 - self.momentum)
+    def momentum_pairs(self):
+        return [(self.base_encoder, self.momentum_encoder), (self.base_projector, self.momentum_projector)]
+
+    def momentum_at(self, progress: TrainingProgress) -> float:
+        """The schedule at the next step: the official code updates with it at the start of that step."""
+        return self.momentum_schedule(progress.next())
 
     def _contrast(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
         offset = rank() * query.shape[0]
         return moco_v3_contrastive(query, gather_all(key), self.hparams.temperature, offset)
 
-    def forward(self, views: list[torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         if len(views) != 2:
             raise ValueError(f"MoCo v3 takes 2 views, got {len(views)}")
         q1, q2 = (self.predictor(self.base_projector(self.base_encoder(x))) for x in views)
         with torch.no_grad():
-            if self.training:
-                self._update_momentum_encoder()
             k1, k2 = (self.momentum_projector(self.momentum_encoder(x)) for x in views)
         loss = self._contrast(q1, k2) + self._contrast(q2, k1)
         return MethodOutput(loss, {"momentum": self.momentum})

@@ -1,0 +1,66 @@
+"""Dataclass fields with help text, and command-line flags generated from them: one source for the defaults and the
+help of ``sslhub pretrain`` / ``finetune`` (``PretrainArguments``, ``FinetuneArguments``) and of the methods'
+hyperparameters (``sslhub hparams``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A dataclass field with its default and one line of help; ``flag`` holds ``argparse`` options that differ
+    from the ones derived from the field's type (``nargs``, ``const``, ``type``, ``choices``, ``metavar``)."""
+    metadata = {"help": help, "flag": flag}
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def required_option(help: str, **flag: Any) -> Any:
+    """A dataclass field without default (a required flag), with one line of help."""
+    return dataclasses.field(metadata={"help": help, "flag": flag})
+
+
+def none_or_str(text: str) -> str | None:
+    """A flag value where ``none`` means ``None`` (e.g. ``--log-with none``)."""
+    return None if text.lower() == "none" else text
+
+
+def _flag_type(annotation) -> tuple[type, bool]:
+    """(scalar type, optional) of a field annotation such as ``int``, ``float | None`` or ``str``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [arg for arg in args if arg is not type(None)]
+        return (inner[0] if len(inner) == 1 else str), type(None) in args
+    return annotation, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--flag-name`` per field of the dataclass ``cls`` (except ``exclude``), with the field's default and
+    help; booleans get ``--flag`` / ``--no-flag``, fields without default are required flags."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        kind, optional = _flag_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        options: dict[str, Any] = {"help": field.metadata.get("help", "").replace("%", "%%")}  # argparse formats help
+        if field.default is not dataclasses.MISSING:
+            options["default"] = field.default
+        elif field.default_factory is dataclasses.MISSING:
+            options["required"] = True
+        if kind is bool and not optional:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind
+        options |= field.metadata.get("flag", {})
+        parser.add_argument(flag, **options)
+
+
+def dataclass_values(namespace: argparse.Namespace, cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of ``cls``'s fields from a namespace parsed with ``add_dataclass_arguments``."""
+    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.name not in exclude}
