@@ -41,9 +41,11 @@ def _flag_type(annotation) -> tuple[type, bool]:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
     """One ``--flag-name`` per field of the dataclass ``cls`` (except ``exclude``), with the field's default and
-    help; booleans get ``--flag`` / ``--no-flag``, fields without default are required flags."""
+    help, ``cls``'s own fields before inherited ones; booleans get ``--flag`` / ``--no-flag``, fields without
+    default are required flags."""
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    for field in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if field.name in exclude:
             continue
         kind, optional = _flag_type(hints[field.name])
@@ -64,3 +66,27 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude:
 def dataclass_values(namespace: argparse.Namespace, cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """The values of ``cls``'s fields from a namespace parsed with ``add_dataclass_arguments``."""
     return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.name not in exclude}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunArguments:
+    """The options every Accelerate run of ``sslhub pretrain`` and ``finetune`` shares: data columns, precision,
+    accumulation, checkpoints, resume, logging and progress (keyword-only, so subclasses list their own first)."""
+
+    image_column: str | None = option(None, "image column of an HF dataset")
+    label_column: str | None = option(None, "label column of an HF dataset")
+    num_workers: int = option(0, "data-loading worker processes")
+    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
+    resume: str | None = option(
+        None,
+        "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
+        nargs="?",
+        const="latest",
+    )
+    log_every: int = option(10, "log the loss every N steps")
+    log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
+    progress: bool = option(True, "show a progress bar")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import timm
 import torch
+from timm.layers import Conv2dSame
+from timm.layers.pool2d_same import MaxPool2dSame
 from torch import nn
 
 POOLINGS = ("avg", "cls", "mean")
+# TensorFlow "SAME" padding of a ResNet: "max_pool" = the stem max-pool only (SimCLR's TF ResNet pads its strided
+# convolutions explicitly, as PyTorch does), "same" = every strided convolution and pool (Haiku's ResNet, BYOL).
+TF_PADDINGS = ("max_pool", "same")
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
@@ -54,6 +61,41 @@ def pool_features(hidden: torch.Tensor, pooling: str, num_prefix_tokens: int = 0
     raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLINGS}")
 
 
+def tf_same_padding_(module: nn.Module, mode: str) -> nn.Module:
+    """Make a timm CNN compute TensorFlow's ``padding='SAME'`` (``TF_PADDINGS``): pad ``(k - s) // 2`` before and the
+    rest after, so a stride-2 layer on an even input pads one pixel more at the bottom / right than PyTorch's
+    symmetric padding (timm's ``Conv2dSame`` / ``MaxPool2dSame``, which pad for the actual input size). Stride-1
+    odd-kernel convolutions are the same in both frameworks and stay. Parameters and state-dict keys are unchanged."""
+    if mode not in TF_PADDINGS:
+        raise ValueError(f"tf_padding {mode!r}: expected one of {TF_PADDINGS} (or None for PyTorch padding)")
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            replacement = MaxPool2dSame(child.kernel_size, child.stride, 0, child.dilation, child.ceil_mode)
+        elif mode == "same" and isinstance(child, nn.Conv2d) and max(child.stride) > 1:
+            replacement = Conv2dSame(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                     child.dilation, child.groups, child.bias is not None)  # fmt: skip
+            replacement.weight, replacement.bias = child.weight, child.bias
+        else:
+            tf_same_padding_(child, mode)
+            continue
+        setattr(module, name, replacement)
+    return module
+
+
+def forward_by_resolution(network: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``network`` over the crops, each run of consecutive crops of one resolution as one batch (DINO's
+    ``MultiCropWrapper``, SwAV's ``ResNet.forward``: BatchNorm sees all crops of a size together); the outputs are
+    concatenated in crop order."""
+    outputs, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        outputs.append(network(torch.cat(list(crops[start:end]))))
+        start = end
+    return torch.cat(outputs)
+
+
 class Encoder(nn.Module):
     """What ``SSLModel`` holds and a method releases: images (B, C, H, W) -> ``forward_features`` (feature map or
     tokens, the model's ``last_hidden_state``) -> ``pool`` (B, D) (its ``pooler_output``). ``forward`` is both.
@@ -77,11 +119,14 @@ class Encoder(nn.Module):
 
 class TimmEncoder(Encoder):
     """A timm backbone (``create_backbone``) followed by its pooling: the default encoder of a method.
-    ``pooling`` ``None`` picks ``default_pooling`` of the backbone."""
+    ``pooling`` ``None`` picks ``default_pooling`` of the backbone; ``tf_padding`` (``TF_PADDINGS``) makes a CNN pad
+    as the TensorFlow / JAX model whose weights it holds (``tf_same_padding_``)."""
 
-    def __init__(self, name: str, pooling: str | None = None, **kwargs):
+    def __init__(self, name: str, pooling: str | None = None, tf_padding: str | None = None, **kwargs):
         super().__init__()
         self.backbone = create_backbone(name, **kwargs)
+        if tf_padding is not None:
+            tf_same_padding_(self.backbone, tf_padding)
         self.pooling = pooling or default_pooling(self.backbone)
         self.num_prefix_tokens = getattr(self.backbone, "num_prefix_tokens", 0)
         self.num_features = self.backbone.num_features

@@ -53,6 +53,9 @@ class SSLConfig(PretrainedConfig):
             "method_kwargs": dict(preset.method_kwargs),
             "preset": preset.name,
         }
+        for name in ("image_mean", "image_std"):
+            if getattr(preset, name) is not None:
+                fields[name] = list(getattr(preset, name))
         return cls(**_merged(fields, overrides))
 
     def with_overrides(self, **overrides) -> SSLConfig:

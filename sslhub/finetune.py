@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sslhub.arguments import none_or_str, option, required_option
+from sslhub.arguments import RunArguments, none_or_str, option, required_option
 from sslhub.backbones import is_vision_transformer
 from sslhub.configuration import SSLConfig
 from sslhub.data import labelled_splits
@@ -55,8 +55,8 @@ BETAS = (0.9, 0.999)
 RESULT_NAME = "fine-tuned top-1"
 
 
-@dataclass
-class FinetuneArguments:
+@dataclass(kw_only=True)
+class FinetuneArguments(RunArguments):
     """Everything ``sslhub finetune`` takes (its flags are generated from these fields); defaults are MAE's ViT-B
     fine-tuning recipe (module docstring)."""
 
@@ -88,27 +88,10 @@ class FinetuneArguments:
     )
     reprob: float = option(0.25, "random erasing probability")
     clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
-    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     seed: int = option(0, "random seed: split, data order and augmentations are functions of it")
-    resume: str | None = option(
-        None,
-        "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
-        nargs="?",
-        const="latest",
-    )
-    num_workers: int = option(0, "data-loading worker processes")
     val_fraction: float = option(
         0.2, "share of the images held out for validation when the data has no validation split"
     )
-    image_column: str | None = option(None, "image column of an HF dataset")
-    label_column: str | None = option(None, "label column of an HF dataset")
-    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
-    keep_checkpoints: int = option(2, "how many checkpoints to keep")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
-    log_every: int = option(10, "log the loss every N steps")
-    log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
-    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass

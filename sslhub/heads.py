@@ -18,24 +18,38 @@ from sslhub.masking import sincos_2d_position_embedding
 class MLPHead(nn.Sequential):
     """Linear layers with ReLU (and optional BatchNorm) between them: ``dims = (in, hidden..., out)``.
 
-    ``batch_norm``: Linear-BN-ReLU hidden layers (the hidden Linear layers then have no bias); ``bias=False``: no
-    Linear layer has a bias; ``last_bn``: a BatchNorm without affine parameters after the last Linear layer.
+    ``batch_norm``: Linear-BN-ReLU hidden layers; ``bias``: the output layer's bias (and the hidden layers' unless
+    they have BatchNorm); ``hidden_bias``: the hidden layers' bias regardless (BYOL, SwAV keep it before BN);
+    ``last_bn``: a BatchNorm after the last Linear layer, without affine parameters, or with ``last_bn_scale`` a
+    learned scale γ and a bias fixed at 0 (TensorFlow's ``center=False``, SimCLR).
     MoCo v1 (arXiv 1911.05722): ``MLPHead((2048, 128))`` = fc. MoCo v2 (arXiv 2003.04297):
     ``MLPHead((2048, 2048, 128))`` = fc-ReLU-fc. MoCo v3 (arXiv 2104.02057, ``builder._build_mlp``):
     ``MLPHead((2048, 4096, 256), batch_norm=True, bias=False, last_bn=True)`` = fc-BN-ReLU-fc-BN.
     """
 
-    def __init__(self, dims: Sequence[int], batch_norm: bool = False, bias: bool = True, last_bn: bool = False):
+    def __init__(
+        self,
+        dims: Sequence[int],
+        batch_norm: bool = False,
+        bias: bool = True,
+        last_bn: bool = False,
+        hidden_bias: bool | None = None,
+        last_bn_scale: bool = False,
+    ):
+        hidden_bias = bias and not batch_norm if hidden_bias is None else hidden_bias
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             hidden = i < len(dims) - 2
-            layers.append(nn.Linear(d_in, d_out, bias=bias and not (batch_norm and hidden)))
+            layers.append(nn.Linear(d_in, d_out, bias=hidden_bias if hidden else bias))
             if hidden:
                 if batch_norm:
                     layers.append(nn.BatchNorm1d(d_out))
                 layers.append(nn.ReLU(inplace=True))
         if last_bn:
-            layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+            norm = nn.BatchNorm1d(dims[-1], affine=last_bn_scale)
+            if last_bn_scale:
+                norm.bias.requires_grad_(False)  # stays at 0
+            layers.append(norm)
         super().__init__(*layers)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from sslhub.distributed import mean_over_processes, world_size
+from sslhub.distributed import sum_over_processes
 
 
 def info_nce_with_queue(
@@ -37,6 +37,97 @@ def moco_v3_contrastive(
     logits = query @ keys.t() / temperature
     labels = torch.arange(query.shape[0], device=query.device) + positive_offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, arXiv 2002.05709, eq. 1 and Algorithm 1).
+
+    With ``u = z / ||z||`` and ``s_ij = u_i·u_j / τ`` over the 2N projections of two views,
+    ``l(i, j) = -log( exp(s_ij) / Σ_{k≠i} exp(s_ik) )`` and ``L = 1/2N Σ_k [l(2k-1, 2k) + l(2k, 2k-1)]``: each of the 2N
+    anchors against its positive (the other view of its image) and the 2N - 2 other projections as negatives.
+    ``z1``, ``z2``: (N, D) unnormalised projections of the two views. Across processes (SimCLR ``objective.py``), pass
+    the projections of every process as ``all_z1`` / ``all_z2`` (M, D) with this process's rows at ``offset``: the
+    local anchors are contrasted with the global batch, and the mean over processes of the results is the loss of
+    the global batch.
+    """
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    all_z1 = z1 if all_z1 is None else F.normalize(all_z1, dim=1)
+    all_z2 = z2 if all_z2 is None else F.normalize(all_z2, dim=1)
+    batch, total = z1.shape[0], all_z1.shape[0]
+    positives = torch.arange(batch, device=z1.device) + offset
+    self_mask = F.one_hot(positives, total).bool()
+    losses = []
+    for anchors, same_view, other_view in ((z1, all_z1, all_z2), (z2, all_z2, all_z1)):
+        # [other view (the positive at `offset + i`), same view without the anchor itself]
+        same = (anchors @ same_view.t() / temperature).masked_fill(self_mask, float("-inf"))
+        logits = torch.cat([anchors @ other_view.t() / temperature, same], dim=1)
+        losses.append(F.cross_entropy(logits, positives))
+    return (losses[0] + losses[1]) / 2
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's ``D(p, z)`` with stop-gradient (Chen & He 2020, arXiv 2011.10566, eq. 1 and 3):
+    ``-mean_i cos(p_i, stopgrad(z_i))`` over the (N, D) rows. The symmetrised loss is
+    ``(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2`` (eq. 4)."""
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
+
+def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al. 2020, arXiv 2006.07733, eq. 2):
+    ``mean_i || p_i/||p_i|| - z_i/||z_i|| ||² = mean_i (2 - 2 cos(p_i, z_i))`` over the (N, D) rows; ``z`` is the
+    target network's projection (no gradient flows into it). BYOL symmetrises it over the two views (eq. 3)."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Barlow Twins' empirical cross-correlation (Zbontar et al. 2021, arXiv 2103.03230, eq. 2): each embedding
+    dimension standardised over the batch (BatchNorm without affine parameters: batch mean, biased variance, ``eps``),
+    then ``C = z1ᵀ z2 / N`` (D x D) for the (N, D) embeddings of the two views."""
+    z1 = F.batch_norm(z1, None, None, training=True, eps=eps)
+    z2 = F.batch_norm(z2, None, None, training=True, eps=eps)
+    return z1.t() @ z2 / z1.shape[0]
+
+
+def redundancy_reduction(correlation: torch.Tensor, lambd: float) -> torch.Tensor:
+    """Barlow Twins' objective (arXiv 2103.03230, eq. 1) on a cross-correlation matrix C:
+    ``Σ_i (1 - C_ii)² + λ Σ_i Σ_{j≠i} C_ij²``."""
+    on_diagonal = (torch.diagonal(correlation) - 1).square().sum()
+    off_diagonal = correlation.square().sum() - torch.diagonal(correlation).square().sum()
+    return on_diagonal + lambd * off_diagonal
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
+    """Barlow Twins' loss on one batch (arXiv 2103.03230, eq. 1-2; ``main.py`` ``BarlowTwins.forward``): the
+    ``redundancy_reduction`` of the ``cross_correlation`` of the (N, D) projector outputs of the two views."""
+    return redundancy_reduction(cross_correlation(z1, z2), lambd)
+
+
+def swapped_prediction(
+    scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float, assigned: Sequence[int]
+) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, arXiv 2006.09882, eq. 1-2; ``main_swav.py`` ``train``).
+
+    ``scores[v]``: (B, K) prototype scores ``zᵀC`` of crop v; ``codes[j]``: (B, K) the Sinkhorn-Knopp codes q of crop
+    ``assigned[j]``. With ``p_v = softmax(scores[v] / τ)``,
+    ``L = 1/|A| Σ_{j} 1/(V-1) Σ_{v ≠ assigned[j]} mean_b( -Σ_k q_j[b, k] log p_v[b, k] )`` over the V crops; no
+    gradient flows into the codes.
+    """
+    total = 0.0
+    for code, crop in zip(codes, assigned, strict=True):
+        terms = [
+            -(code.detach() * F.log_softmax(score / temperature, dim=1)).sum(dim=1).mean()
+            for v, score in enumerate(scores)
+            if v != crop
+        ]
+        total = total + sum(terms) / len(terms)
+    return total / len(assigned)
 
 
 def dino_cross_entropy(
@@ -78,10 +169,6 @@ def multi_crop_cross_entropy(
     return total / terms
 
 
-def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    return mean_over_processes(tensor) * world_size()
-
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp centering of the teacher (SwAV, arXiv 2006.09882, eq. 3; DINOv2, arXiv 2304.07193, §4
@@ -93,11 +180,11 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     all-reduced over processes (``sslhub.distributed``); computed in float32.
     """
     q = torch.exp(teacher_logits.float() / temperature)
-    rows = _sum_over_processes(q.new_tensor(float(q.shape[0])))
+    rows = sum_over_processes(q.new_tensor(float(q.shape[0])))
     prototypes = q.shape[1]
-    q /= _sum_over_processes(q.sum())
+    q /= sum_over_processes(q.sum())
     for _ in range(iterations):
-        q /= _sum_over_processes(q.sum(dim=0, keepdim=True))
+        q /= sum_over_processes(q.sum(dim=0, keepdim=True))
         q /= prototypes
         q /= q.sum(dim=1, keepdim=True)
         q /= rows

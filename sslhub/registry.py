@@ -20,7 +20,9 @@ _PRETRAINED: dict[str, PretrainedTag] = {}
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model: one method on one timm backbone, with the options that make it that model."""
+    """A named model: one method on one timm backbone, with the options that make it that model. ``image_mean`` /
+    ``image_std``: the input normalisation of the method's recipe when it is not ImageNet's (SwAV's std 0.228,
+    SimCLR's unnormalised [0, 1] input)."""
 
     name: str
     method: str
@@ -29,6 +31,8 @@ class Preset:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class PretrainedTag:
     where the authors' README does not state them); ``license``: SPDX id of the weights' licence; ``source``:
     where the facts come from; ``dataset``: what ``metrics`` were measured on, also the pretraining data unless
     ``pretraining_data`` says otherwise; ``overrides``: config fields that differ from the preset (input size,
-    mean / std).
+    mean / std); ``converted_file`` / ``conversion``: for a release the authors publish only in another framework
+    (TensorFlow, JAX), the name of the PyTorch conversion sslhub reads and how to make it (nothing is downloaded).
     """
 
     preset: str
@@ -60,6 +65,8 @@ class PretrainedTag:
     pretraining_data: str | None = None
     source: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    converted_file: str | None = None
+    conversion: str = ""
 
     @property
     def name(self) -> str:
@@ -67,7 +74,8 @@ class PretrainedTag:
 
     @property
     def file_name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        """The file sslhub converts: the authors' download, or the PyTorch conversion of it."""
+        return self.converted_file or self.url.rsplit("/", 1)[-1]
 
 
 def register_method(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:

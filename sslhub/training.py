@@ -30,9 +30,10 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sslhub.arguments import none_or_str, option
+from sslhub.arguments import RunArguments, option
 from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, ViewDataset, load_image_dataset
+from sslhub.distributed import global_batch_norm
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
 from sslhub.hub.cards import save_model_card
@@ -46,8 +47,8 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 MAX_WARMUP_FRACTION = 0.25  # the linear warm-up never takes more than this share of a run's optimizer steps
 
 
-@dataclass
-class PretrainArguments:
+@dataclass(kw_only=True)
+class PretrainArguments(RunArguments):
     """Everything ``sslhub pretrain`` takes (its flags are generated from these fields); ``None`` means "the method's
     default"."""
 
@@ -66,27 +67,10 @@ class PretrainArguments:
     image_size: int | None = option(None, "training image size (default: the preset's)")
     overrides: dict = option({}, "config fields or method hyperparameters, as create_model takes them")
     seed: int = option(0, "random seed: data order and augmentations are functions of it")
-    resume: str | None = option(
-        None,
-        "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
-        nargs="?",
-        const="latest",
-    )
-    num_workers: int = option(0, "data-loading worker processes")
-    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
-    keep_checkpoints: int = option(2, "how many checkpoints to keep")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
     knn_every: int = option(1, "weighted-kNN monitor every N epochs when the data has labels (0: off)")
     knn_k: int = option(20, "neighbours of the kNN monitor")
     knn_max_train: int = option(10000, "at most this many training images in the kNN monitor's memory bank")
     knn_max_test: int = option(2000, "at most this many kNN monitor queries")
-    log_every: int = option(10, "log the loss every N steps")
-    log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
-    image_column: str | None = option(None, "image column of an HF dataset")
-    label_column: str | None = option(None, "label column of an HF dataset")
-    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
@@ -154,10 +138,13 @@ def scaled_learning_rate(hparams, images_per_step: int) -> float:
     return hparams.lr * (math.sqrt(ratio) if hparams.lr_scaling == "sqrt" else ratio)
 
 
-def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float) -> float:
-    """Linear warm-up from 0 to ``peak``, then half-cosine to ``minimum`` (DINO / MAE ``cosine_scheduler``)."""
+def learning_rate_at(
+    step: int, total_steps: int, warmup_steps: int, peak: float, minimum: float, start: float = 0.0
+) -> float:
+    """Linear warm-up from ``start`` to ``peak``, then half-cosine to ``minimum`` (DINO / MAE / SwAV
+    ``cosine_scheduler``)."""
     if step < warmup_steps:
-        return peak * step / warmup_steps
+        return start + (peak - start) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
 
@@ -345,6 +332,8 @@ class Pretrainer:
         self.accelerator = seeded_accelerator(args)
         model = build_model(args)
         self.hparams = model.method.hparams
+        if self.hparams.sync_batch_norm and self.accelerator.num_processes > 1:
+            global_batch_norm(model, cuda=self.accelerator.device.type == "cuda")
         self.epochs = args.epochs if args.epochs is not None else self.hparams.epochs
         self.dataset = load_image_dataset(
             args.data, "train", image_column=args.image_column, label_column=args.label_column
@@ -411,14 +400,17 @@ class Pretrainer:
         """The method's ``lr_schedule``: warm-up + cosine per step, or the step schedule per epoch."""
         if self.hparams.lr_schedule == "step":
             return step_learning_rate_at(progress.epoch, self.peak_lr, self.hparams.lr_milestones)
-        return learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, self.hparams.min_lr)
+        hp = self.hparams
+        minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
+        start = hp.warmup_start_ratio * self.peak_lr
+        return learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, minimum, start)
 
     def set_schedules(self, progress: TrainingProgress) -> None:
-        """Learning rate (times each group's ``lr_scale``), weight decay of the decayed groups, and the method's own
-        schedules."""
+        """Learning rate (times each group's ``lr_scale``; the peak for ``fixed_lr`` groups), weight decay of the
+        decayed groups, and the method's own schedules."""
         lr = self.learning_rate(progress)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = (self.peak_lr if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
             if group["weight_decay"] > 0:
                 group["weight_decay"] = self.method.weight_decay_at(progress)
         self.method.on_step_start(progress)

@@ -72,16 +72,18 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     module.load_state_dict(state)
 
 
+def _timm_prefix(encoder: nn.Module) -> str:
+    """Where the encoder's timm model sits inside it (``"backbone."`` for ``TimmEncoder``)."""
+    inner = next(name for name, module in encoder.named_modules() if module is encoder.timm_model)
+    return f"{inner}." if inner else ""
+
+
 def _encoder_copies(method: nn.Module, released: nn.Module) -> list[str]:
-    """Prefixes of the timm model of every copy of the released encoder inside a method (MoCo query / key, DINO
-    student / teacher): modules of the released encoder's class with its keys."""
+    """Prefixes of every copy of the released encoder inside a method (MoCo query / key, DINO student / teacher):
+    modules of the released encoder's class with its keys."""
     keys = released.state_dict().keys()
-    inner = next(name for name, module in released.named_modules() if module is released.timm_model)
-    inner = f"{inner}." if inner else ""
     return [
-        f"{name}.{inner}"
-        for name, m in method.named_modules()
-        if type(m) is type(released) and m.state_dict().keys() == keys
+        f"{name}." for name, m in method.named_modules() if type(m) is type(released) and m.state_dict().keys() == keys
     ]
 
 
@@ -134,25 +136,51 @@ def build_converted_model(
     _check_method(converted, config.method, what)
     if not isinstance(model, SSLForPreTraining):
         encoder = model.encoder if task == "features" else model.ssl.encoder
-        target = encoder.timm_model if encoder.timm_model is not None else encoder
-        load_strict(target, timm_filter(converted.backbone, target, config.backbone, what), what)
+        if _is_timm_model_only(encoder):  # errors then name the file's own keys
+            load_strict(encoder.timm_model, timm_filter(converted.backbone, encoder.timm_model, config.backbone, what),
+                        what)  # fmt: skip
+        else:
+            load_strict(encoder, _encoder_state(encoder, converted, config, what), what)
         return model.eval()
     released = model.method.released_encoder
     if converted.method is None:
-        copies = dict.fromkeys(_encoder_copies(model.method, released), converted.backbone)
         logger.warning("%s holds only the released encoder: the %s heads keep their initialisation", source,
                        config.method)  # fmt: skip
+        encoder_state = _encoder_state(released, converted, config, what)
+        state = {
+            prefix + key: value
+            for prefix in _encoder_copies(model.method, released)
+            for key, value in encoder_state.items()
+        }
     else:
-        copies = converted.method_encoders
-    state = dict(converted.method or {})
-    timm_model = released.timm_model
-    for prefix, encoder_state in copies.items():
-        mapped = (
-            timm_filter(encoder_state, timm_model, config.backbone, what) if timm_model is not None else encoder_state
-        )
-        state.update({prefix + key: value for key, value in mapped.items()})
+        state = dict(converted.method)
+        timm_model = released.timm_model
+        for prefix, encoder_state in converted.method_encoders.items():
+            mapped = (
+                timm_filter(encoder_state, timm_model, config.backbone, what)
+                if timm_model is not None
+                else encoder_state
+            )
+            state.update({prefix + key: value for key, value in mapped.items()})
     load_strict(model.method, state, what)
     return model.eval()
+
+
+def _is_timm_model_only(encoder: nn.Module) -> bool:
+    """True when the encoder's weights are exactly its timm model's (a timm backbone and its pooling)."""
+    if encoder.timm_model is None:
+        return False
+    prefix = _timm_prefix(encoder)
+    return encoder.state_dict().keys() == {prefix + key for key in encoder.timm_model.state_dict()}
+
+
+def _encoder_state(encoder: nn.Module, converted: Converted, config: SSLConfig, what: str) -> dict:
+    """The state of a whole released encoder: its timm model's (``converted.backbone`` through timm's filter) under
+    the timm model's prefix, with the encoder's other parts (``converted.encoder_extras``)."""
+    if encoder.timm_model is None:
+        return {**converted.backbone, **converted.encoder_extras}
+    mapped = timm_filter(converted.backbone, encoder.timm_model, config.backbone, what)
+    return {**{_timm_prefix(encoder) + key: value for key, value in mapped.items()}, **converted.encoder_extras}
 
 
 def convert_checkpoint(

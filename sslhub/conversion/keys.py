@@ -25,8 +25,10 @@ class Converted:
     """``backbone``: released encoder (timm names, or the authors' names that the architecture's timm
     ``checkpoint_filter_fn`` maps); ``method_encoders``: every encoder copy of the objective by its prefix in
     ``SSLForPreTraining.method`` (``"encoder_q.backbone."``), ``method``: the rest of the objective (heads, queue,
-    center), both ``None`` when the file holds only the released encoder; ``method_overrides``: hyperparameters the
-    file fixes (head sizes, queue length, the run's arguments); ``left_out``: entries deliberately not converted."""
+    center), both ``None`` when the file holds only the released encoder; ``encoder_extras``: the parts of the
+    released encoder outside its timm model, in the encoder's names (SimCLR v2's projection head, ``"head.0.weight"``);
+    ``method_overrides``: hyperparameters the file fixes (head sizes, queue length, the run's arguments);
+    ``left_out``: entries deliberately not converted."""
 
     layout: str
     backbone: dict[str, Tensor]
@@ -34,6 +36,7 @@ class Converted:
     method_encoders: dict[str, dict[str, Tensor]] | None = None
     method_overrides: dict = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
+    encoder_extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class KeyReader:

@@ -51,9 +51,15 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
         return path, ""
     want_full = task == "pretraining" and tag.full_url
     url = tag.full_url if want_full else tag.url
+    name = url.rsplit("/", 1)[-1] if want_full else tag.file_name
     local_dir = os.environ.get(PRETRAINED_DIR_ENV)
-    if local_dir and (Path(local_dir) / url.rsplit("/", 1)[-1]).is_file():
-        return Path(local_dir) / url.rsplit("/", 1)[-1], ""
+    if local_dir and (Path(local_dir) / name).is_file():
+        return Path(local_dir) / name, ""
+    if tag.converted_file:
+        raise CheckpointError(
+            f"{tag.name}: sslhub reads {tag.converted_file}, the PyTorch conversion of the authors' {url} "
+            f"({tag.conversion}); pass pretrained_path=FILE or put it in ${PRETRAINED_DIR_ENV}"
+        )
     if tag.hf_hub_id and not want_full:
         try:
             return Path(hf_hub_download(tag.hf_hub_id, tag.hf_filename)), "backbone"
@@ -114,5 +120,6 @@ def release_card_fields(tag: PretrainedTag) -> dict:
         "model_id": tag.name,
         "pretrained_name": tag.name,
         "eval_data": tag.dataset,
-        "source": f"{tag.source or method.paper}: {tag.url}",
+        "source": f"{tag.source or method.paper}: {tag.url}"
+        + (f", read as its PyTorch conversion {tag.converted_file} ({tag.conversion})" if tag.converted_file else ""),
     }

@@ -51,14 +51,17 @@ class MethodHparams:
 
     ``lr`` is the base learning rate for a batch of ``lr_batch_size`` images; the trainer scales it with the real
     batch size, linearly (Goyal et al. 2017, as the official MoCo, DINO and MAE code do) or by its square root
-    (``lr_scaling="sqrt"``, DINOv2). Parameter groups may carry an ``lr_scale`` (layer-wise decay).
+    (``lr_scaling="sqrt"``, DINOv2, SimCLR). Parameter groups may carry an ``lr_scale`` (layer-wise decay, Barlow
+    Twins' biases) and ``fixed_lr`` (the group stays at the peak learning rate, SimSiam's predictor).
     """
 
     optimizer: str = hparam("sgd", "optimizer: 'sgd', 'adamw', 'lars' or 'larc' (sslhub.optim.OPTIMIZERS)")
     lr: float = hparam(0.03, "base learning rate per lr_batch_size images")
     lr_batch_size: int = hparam(256, "batch size that lr is given for")
     min_lr: float = hparam(0.0, "final learning rate of the cosine schedule")
+    min_lr_ratio: float = hparam(0.0, "final learning rate as a fraction of the peak, when larger than min_lr")
     warmup_epochs: float = hparam(0.0, "linear warm-up epochs (at most a quarter of the run, see MAX_WARMUP_FRACTION)")
+    warmup_start_ratio: float = hparam(0.0, "learning rate at the start of the warm-up, as a fraction of the peak")
     weight_decay: float = hparam(1e-4, "weight decay (the decayed groups)")
     weight_decay_end: float | None = hparam(None, "final weight decay of a cosine schedule (None: constant)")
     sgd_momentum: float = hparam(0.9, "momentum of SGD / LARS")
@@ -68,6 +71,9 @@ class MethodHparams:
     lr_schedule: str = hparam("cosine", "'cosine' (warm-up then half-cosine, per step) or 'step' (per epoch)")
     lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by 0.1")
     lr_scaling: str = hparam("linear", "'linear' or 'sqrt' scaling of lr with the batch size")
+    sync_batch_norm: bool = hparam(
+        False, "BatchNorm statistics of the global batch when training on several processes (SyncBN / global BN)"
+    )
 
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:

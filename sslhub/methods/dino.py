@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sslhub.backbones import is_vision_transformer
+from sslhub.backbones import forward_by_resolution, is_vision_transformer
 from sslhub.batch import Batch
 from sslhub.conversion.keys import (
     CheckpointLayout,
@@ -66,6 +66,7 @@ class DINOHparams(MethodHparams):
     local_crops_scale: tuple[float, float] = hparam((0.05, 0.4), "area range of the local crops")
     local_crops_number: int = hparam(8, "number of local crops")
     local_crop_size: int | None = hparam(None, "side of the local crops (None: 96/224 of the image size)")
+    sync_batch_norm: bool = True  # main_dino.py converts a backbone or head with BatchNorm to SyncBN
 
 
 def dino_views(global_size: int, local_size: int, hp, mean: Sequence[float], std: Sequence[float]) -> MultiView:
@@ -210,15 +211,8 @@ class DINO(SSLMethod):
 
     @staticmethod
     def _multi_crop_forward(backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run consecutive crops of equal resolution as one batch (``MultiCropWrapper``), then the head once."""
-        features, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            features.append(backbone(torch.cat(crops[start:end])))
-            start = end
-        return list(head(torch.cat(features)).chunk(len(crops)))
+        """``MultiCropWrapper``: the backbone over crops of equal resolution as one batch, then the head once."""
+        return list(head(forward_by_resolution(backbone, crops)).chunk(len(crops)))
 
     def teacher_temperature_at(self, epoch: int) -> float:
         """Linear warm-up from ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs, then constant."""

@@ -48,6 +48,7 @@ class MoCoV3Hparams(MethodHparams):
     momentum_cosine: bool = hparam(True, "raise the momentum to 1 on a half-cosine (--moco-m-cos)")
     crop_scale_min: float = hparam(0.08, "smallest area fraction of the random resized crop (--crop-min)")
     stop_grad_conv1: bool = hparam(True, "ViTs: keep the random patch projection frozen (§4.2, --stop-grad-conv1)")
+    sync_batch_norm: bool = True  # main_moco.py: nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 VIT_RECIPE = {  # CONFIG.md, ViT-S and ViT-B: AdamW, 300 epochs, 40 warm-up, τ = 0.2, --stop-grad-conv1
@@ -117,7 +118,7 @@ class MoCoV3(SSLMethod):
     as ``main_moco.py`` hands all parameters to AdamW and LARS. The released encoder is the base backbone.
     The momentum encoder is updated by the trainer after each optimizer step with the momentum of the next step, as
     the official code updates it at the start of the next forward pass (``momentum_pairs`` / ``momentum_at``).
-    Deviation: BatchNorm statistics are per process (the official code converts to SyncBN).
+    BatchNorm statistics are those of the global batch on several processes (SyncBN, as the official code).
     """
 
     Hparams = MoCoV3Hparams
