@@ -23,6 +23,8 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from timm.layers import pad_same
+from timm.layers.pool2d_same import MaxPool2dSame
 
 import sslhub
 from sslhub.configuration import SSLConfig
@@ -54,9 +56,26 @@ def write_card(tag: PretrainedTag, org: str | None) -> Path:
     return path
 
 
+TORCHVISION_RESNETS = ("resnet18", "resnet50", "resnet101", "resnet152")
+
+
+def tf_padded(net: torch.nn.Module, tf_padding: str) -> torch.nn.Module:
+    """A torchvision ResNet padding as the TensorFlow / JAX model of a release (``tf_padding``), with timm's
+    ``pad_same`` before the stem max-pool (``"max_pool"``, SimCLR) and every strided convolution too (``"same"``,
+    BYOL): outside sslhub's own conversion code."""
+    net.maxpool = MaxPool2dSame(3, 2)
+    if tf_padding == "same":
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.stride[0] > 1:
+                module.padding = (0, 0)
+                module.register_forward_pre_hook(lambda conv, args: (pad_same(args[0], conv.kernel_size, conv.stride),))
+    return net
+
+
 def independent_features(tag: PretrainedTag, path: Path, images: torch.Tensor) -> torch.Tensor | None:
     """Features of the authors' encoder from outside sslhub: timm's loader (ViT / XCiT files of the released
-    architecture) or torchvision's ResNet-50; ``None`` for layouts neither reads directly."""
+    architecture) or torchvision's ResNet (padding as the authors' TensorFlow / JAX model where the release says
+    so); ``None`` for layouts neither reads directly."""
     config = release_config(tag)
     converted = read_checkpoint(path)
     if config.backbone.startswith(("vit_", "xcit_")):
@@ -64,11 +83,12 @@ def independent_features(tag: PretrainedTag, path: Path, images: torch.Tensor) -
         module = sys.modules[type(net).__module__]
         net.load_state_dict(module.checkpoint_filter_fn(converted.backbone, net))
         return net.eval()(images)
-    if config.backbone == "resnet50":
-        net = torchvision.models.resnet50()
+    if config.backbone in TORCHVISION_RESNETS:
+        net = getattr(torchvision.models, config.backbone)()
         net.fc = torch.nn.Identity()
         net.load_state_dict(converted.backbone)
-        return net.eval()(images)
+        tf_padding = config.method_kwargs.get("tf_padding")
+        return (tf_padded(net, tf_padding) if tf_padding else net).eval()(images)
     return None
 
 

@@ -1,26 +1,36 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
-For each method (MoCo v2, DINO, MAE) the script reports the median wall time of one optimizer step on pre-made
-random views (no data loading, no augmentation), after warm-up steps:
+For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV) the script
+reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
+after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
+image of the preset's size.
 
 - **sslhub step**: exactly what ``sslhub.training.Pretrainer`` does per step: ``on_step_start``,
   ``model(views).loss``, ``backward``, ``on_before_optimizer_step``, ``optimizer.step``, ``zero_grad``, the
   momentum update of the method's ``momentum_pairs`` and ``on_step_end``, with the optimizer of
-  ``sslhub.training.build_optimizer``.
+  ``sslhub.training.build_optimizer`` (the method's parameter groups).
 - **bare bound**: the method's own encoder (``build_encoder``: timm backbone + pooling) forward + backward (loss =
-  sum of the pooled features) and an SGD / AdamW step on the views the method back-propagates through, plus a no-grad
-  forward on the views only the momentum / teacher encoder sees. MoCo: grad on the query view, no grad on the
-  key view; DINO: grad on all crops, no grad on the 2 global crops; MAE: grad on the full view. MAE's encoder
-  sees only 25 % of the patches, so its sslhub/bound ratio can be below 1.
-- **lightly step**: the same method from lightly's own modules (as lightly's ``examples/pytorch``) on the same
-  timm backbone with the same head sizes and hyperparameters. MoCo v2: ``MoCoProjectionHead`` +
-  ``NTXentLoss(memory_bank_size=(K, D))`` + ``update_momentum``; DINO: ``DINOProjectionHead`` + ``DINOLoss`` +
-  ``update_momentum``, one forward per crop as lightly's example, global-norm clipping (what lightly's benchmarks
-  get from Lightning's ``gradient_clip_val``) and ``cancel_last_layer_gradients``; MAE:
-  ``MaskedVisionTransformerTIMM`` + ``MAEDecoderTIMM``, MSE on the (per-patch normalised) masked patches.
+  sum of the pooled features) and a step of the method's optimizer kind on the views the method back-propagates
+  through, plus a no-grad forward on the views only the momentum / teacher / target encoder sees. MoCo: grad on the
+  query view, no grad on the key view; DINO: grad on all crops, no grad on the 2 global crops; BYOL: grad on both
+  views, no grad on both views again (target); SimCLR, SimSiam, Barlow Twins, SwAV: grad on all views; MAE: grad on
+  the full view. MAE's encoder sees only 25 % of the patches, so its sslhub/bound ratio can be below 1.
+- **lightly step**: the same method from lightly's own modules (``lightly_baselines.py``, as lightly's
+  ``examples/pytorch``) on the same timm backbone with the same head sizes and hyperparameters. MoCo v2:
+  ``MoCoProjectionHead`` + ``NTXentLoss(memory_bank_size=(K, D))`` + ``update_momentum``; DINO:
+  ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum``, one forward per crop as lightly's example,
+  global-norm clipping (what lightly's benchmarks get from Lightning's ``gradient_clip_val``) and
+  ``cancel_last_layer_gradients``; MAE: ``MaskedVisionTransformerTIMM`` + ``MAEDecoderTIMM``, MSE on the (per-patch
+  normalised) masked patches; SimCLR: ``SimCLRProjectionHead`` (the preset's layers) + ``NTXentLoss``; BYOL:
+  ``BYOLProjectionHead`` + ``BYOLPredictionHead`` + ``NegativeCosineSimilarity`` + ``update_momentum`` on a cosine
+  schedule; SimSiam: the projector of ``SimSiamProjectionHead``'s blocks + ``SimSiamPredictionHead`` +
+  ``NegativeCosineSimilarity``; Barlow Twins: ``BarlowTwinsProjectionHead``'s blocks + ``BarlowTwinsLoss``; SwAV:
+  ``SwaVProjectionHead`` + ``SwaVPrototypes`` + ``SwaVLoss``, one forward per crop.
 
-Steps are timed in epoch 10 of 100 (past DINO's frozen last layer, so every parameter is updated); the three steps
-of a method take turns, so a load change on a shared machine hits them alike.
+The bound and lightly use the method's optimizer kind (``sslhub.optim.create_optimizer``: SGD, AdamW, LARS or LARC)
+over one parameter group with the method's weight decay, so the comparison is about the method, not the optimizer.
+Steps are timed in epoch 10 of 100 (past DINO's frozen last layer and SwAV's frozen prototypes, so every parameter
+is updated); the three steps of a method take turns, so a load change on a shared machine hits them alike.
 
     python scripts/bench_pretrain_step.py --size small --threads 2 --repeats 20           # CPU, 32 px presets
     python scripts/bench_pretrain_step.py --size base --device cuda --bf16 --channels-last  # GPU, 224 px presets
@@ -32,102 +42,64 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightly
+import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
-from lightly.loss import DINOLoss, NTXentLoss
-from lightly.models import utils as lightly_utils
+from lightly.loss import BarlowTwinsLoss, DINOLoss, NTXentLoss, SwaVLoss
 from lightly.models.modules import (
+    BYOLPredictionHead,
+    BYOLProjectionHead,
     DINOProjectionHead,
-    MAEDecoderTIMM,
-    MaskedVisionTransformerTIMM,
     MoCoProjectionHead,
+    SimCLRProjectionHead,
+    SimSiamPredictionHead,
+    SwaVProjectionHead,
+    SwaVPrototypes,
 )
-from lightly.utils.scheduler import cosine_schedule
+from lightly_baselines import (
+    Options,
+    Setup,
+    Step,
+    Views,
+    constant,
+    cosine,
+    lightly_byol,
+    lightly_dino,
+    lightly_mae,
+    lightly_moco,
+    lightly_simsiam,
+    lightly_swav,
+    lightly_two_views,
+    mae_decoder,
+    projection_head,
+    timm_backbone,
+)
+from PIL import Image
 from torch import nn
 
 import sslhub
 from sslhub.backbones import is_vision_transformer
 from sslhub.methods.base import MethodHparams, TrainingProgress, update_momentum_pairs
 from sslhub.modeling import SSLForPreTraining
-from sslhub.training import build_optimizer
-
-# method -> (preset, overrides, default batch size)
-PRESETS = {
-    "small": {
-        "moco_v2": ("moco_v2_resnet18_32px", {}, 128),
-        "dino": ("dino_vit_tiny_patch4_32px", {"out_dim": 4096}, 64),
-        "mae": ("mae_vit_tiny_patch4_32px", {}, 128),
-    },
-    "base": {
-        "moco_v2": ("moco_v2_resnet50", {}, 64),
-        "dino": ("dino_vit_small_patch16_224", {}, 32),
-        "mae": ("mae_vit_base_patch16_224", {}, 64),
-    },
-}
-
-# method -> (views with gradient, views seen only by the momentum / teacher encoder), for the bare bound
-BOUND_VIEWS: dict[str, Callable[[list], tuple[list, list]]] = {
-    "moco_v2": lambda views: (views[:1], views[1:]),
-    "dino": lambda views: (views, views[:2]),
-    "mae": lambda views: (views, []),
-}
+from sslhub.optim import create_optimizer
+from sslhub.training import build_optimizer, scaled_learning_rate
 
 STEPS_PER_EPOCH = 100
-
-
-@dataclass
-class Options:
-    """Where and how every step runs."""
-
-    device: torch.device
-    bf16: bool = False
-    channels_last: bool = False
-
-    def place(self, module: nn.Module) -> nn.Module:
-        module = module.to(self.device).train()
-        return module.to(memory_format=torch.channels_last) if self.channels_last else module
-
-    def autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-
-@dataclass
-class Step:
-    """One training step: ``forward(views, progress) -> loss``, backward, the hooks around the optimizer step."""
-
-    forward: Callable[[list[torch.Tensor], TrainingProgress], torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    before_optimizer_step: Callable[[TrainingProgress], None] = lambda progress: None
-    after_optimizer_step: Callable[[TrainingProgress], None] = lambda progress: None
-
-    def __call__(self, views: list[torch.Tensor], progress: TrainingProgress, options: Options) -> None:
-        with options.autocast():
-            loss = self.forward(views, progress)
-        loss.backward()
-        self.before_optimizer_step(progress)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.after_optimizer_step(progress)
 
 
 def progress_at(index: int) -> TrainingProgress:
     return TrainingProgress(10 * STEPS_PER_EPOCH + index, 100 * STEPS_PER_EPOCH, STEPS_PER_EPOCH)
 
 
-def seconds(step: Step, views: list[torch.Tensor], progress: TrainingProgress, options: Options) -> float:
+def seconds(step: Step, views: Views, progress: TrainingProgress, options: Options) -> float:
     """Wall time of one step (CUDA synchronised before and after)."""
     synchronize = torch.cuda.synchronize if options.device.type == "cuda" else lambda: None
     synchronize()
@@ -137,9 +109,7 @@ def seconds(step: Step, views: list[torch.Tensor], progress: TrainingProgress, o
     return time.perf_counter() - start
 
 
-def median_seconds(
-    steps: dict[str, Step], views: list[torch.Tensor], options: Options, warmup: int, repeats: int
-) -> dict[str, float]:
+def median_seconds(steps: dict[str, Step], views: Views, options: Options, warmup: int, repeats: int) -> dict:
     """Median step time of each of ``steps`` after ``warmup`` untimed steps. The steps take turns, so a load change
     on a shared machine hits all of them alike instead of whichever happens to run then."""
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -150,11 +120,15 @@ def median_seconds(
 
 
 def make_optimizer(params, hparams: MethodHparams, lr: float) -> torch.optim.Optimizer:
-    """The method's optimizer kind with its lr, momentum / betas and weight decay (for the bound and lightly)."""
-    params = [p for p in params if p.requires_grad]
-    if hparams.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=hparams.sgd_momentum, weight_decay=hparams.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(hparams.betas), weight_decay=hparams.weight_decay)
+    """The method's optimizer kind (``sslhub.optim``) with its lr, momentum / betas and weight decay, over one
+    group of the trainable ``params`` (for the bound and lightly)."""
+    group = {"params": [p for p in params if p.requires_grad], "weight_decay": hparams.weight_decay}
+    return create_optimizer(hparams.optimizer, [group], lr, momentum=hparams.sgd_momentum, betas=hparams.betas)
+
+
+def setup_of(model: SSLForPreTraining, lr: float, options: Options) -> Setup:
+    """How a lightly step of ``model``'s method is made: on ``options``, with the method's optimizer kind."""
+    return Setup(options, lambda networks: make_optimizer(networks.parameters(), model.method.hparams, lr))
 
 
 def encoder_kwargs(model: SSLForPreTraining, trained: bool = True) -> dict:
@@ -166,32 +140,31 @@ def encoder_kwargs(model: SSLForPreTraining, trained: bool = True) -> dict:
 
 
 def timm_model(model: SSLForPreTraining, trained: bool = True) -> nn.Module:
-    """The backbone as a lightly user builds it: plain ``timm.create_model`` with timm's own pooling."""
+    """The preset's backbone as a lightly user builds it (``timm_backbone``), with DINO's encoder options."""
     config = model.config
-    return timm.create_model(config.backbone, num_classes=0, **config.backbone_kwargs, **encoder_kwargs(model, trained))
+    return timm_backbone(config.backbone, **config.backbone_kwargs, **encoder_kwargs(model, trained))
 
 
-def make_views(model: SSLForPreTraining, batch: int, options: Options) -> list[torch.Tensor]:
-    """Random views of the method's shapes: MoCo 2 views; DINO 2 global + N local crops; MAE 1 view."""
-    method, size = model.method, model.config.image_size
-    if method.name == "dino":
-        sizes = [size] * 2 + [method.local_crop_size()] * method.hparams.local_crops_number
-    else:
-        sizes = [size] * {"moco_v2": 2, "mae": 1}[method.name]
+def make_views(model: SSLForPreTraining, batch: int, options: Options, seed: int = 0) -> Views:
+    """Random views of the shapes the method's view recipe makes of one random image of the preset's size."""
+    size = model.config.image_size
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    shapes = [view.shape for view in model.method.view_recipe()(Image.fromarray(pixels)).views]
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    return [torch.randn(batch, 3, s, s, device=options.device).contiguous(memory_format=memory_format) for s in sizes]
+    views = [torch.randn(batch, *shape, device=options.device) for shape in shapes]
+    return [view.contiguous(memory_format=memory_format) for view in views]
 
 
-def describe_views(views: list[torch.Tensor]) -> str:
+def describe_views(views: Views) -> str:
     counts: dict[int, int] = {}
     for view in views:
         counts[view.shape[-1]] = counts.get(view.shape[-1], 0) + 1
     return " + ".join(f"{n}x{size}px" for size, n in counts.items())
 
 
-def batched_by_size(views: list[torch.Tensor]) -> list[torch.Tensor]:
+def batched_by_size(views: Views) -> Views:
     """Consecutive views of one resolution concatenated into one batch (DINO's ``MultiCropWrapper``)."""
-    groups: list[list[torch.Tensor]] = []
+    groups: list[Views] = []
     for view in views:
         if groups and groups[-1][0].shape[-2:] == view.shape[-2:]:
             groups[-1].append(view)
@@ -200,7 +173,7 @@ def batched_by_size(views: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(group) for group in groups]
 
 
-# ---- the three measured steps ------------------------------------------------------------------------------------
+# ---- the measured steps -------------------------------------------------------------------------------------------
 def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
     """The trainer's step (``Pretrainer.train_epoch`` without Accelerate's no-op wrappers on one process)."""
     model = options.place(model)
@@ -211,7 +184,9 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
         return model(views).loss
 
     def after_optimizer_step(progress):
-        update_momentum_pairs(method.momentum_pairs(), method.momentum_at(progress))
+        pairs = method.momentum_pairs()
+        if pairs:
+            update_momentum_pairs(pairs, method.momentum_at(progress))
         method.on_step_end(progress)
 
     return Step(forward, build_optimizer(method, lr), method.on_before_optimizer_step, after_optimizer_step)
@@ -220,7 +195,7 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
 def bound_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
     """Bare backbone: forward + backward + optimizer step on the trained views, no-grad forward on the others."""
     encoder = options.place(type(model.method).build_encoder(model.config, **encoder_kwargs(model)))
-    split = BOUND_VIEWS[model.method.name]
+    split = METHODS[model.method.name].bound_views
 
     def forward(views, progress):
         trained, teacher_only = split(views)
@@ -237,19 +212,9 @@ def lightly_moco_step(model: SSLForPreTraining, lr: float, options: Options) -> 
     hp = model.method.hparams
     backbone = timm_model(model)
     dim = backbone.num_features
-    query = options.place(nn.Sequential(backbone, MoCoProjectionHead(dim, hp.mlp_hidden_dim or dim, hp.embed_dim)))
-    key = copy.deepcopy(query)
-    lightly_utils.deactivate_requires_grad(key)
+    projector = MoCoProjectionHead(dim, hp.mlp_hidden_dim or dim, hp.embed_dim)
     criterion = NTXentLoss(temperature=hp.temperature, memory_bank_size=(hp.queue_size, hp.embed_dim))
-    criterion = criterion.to(options.device)
-
-    def forward(views, progress):
-        lightly_utils.update_momentum(query, key, m=hp.momentum)
-        with torch.no_grad():
-            keys = key(views[1])
-        return criterion(query(views[0]), keys)
-
-    return Step(forward, make_optimizer(query.parameters(), hp, lr))
+    return lightly_moco(backbone, projector, criterion, constant(hp.momentum), setup_of(model, lr, options))
 
 
 def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -266,9 +231,6 @@ def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> 
     )
     teacher_head = DINOProjectionHead(*head_sizes, batch_norm=hp.use_bn_in_head)
     teacher_head.load_state_dict(student_head.state_dict())
-    student_net = options.place(nn.Sequential(student, student_head))
-    teacher_net = options.place(nn.Sequential(teacher, teacher_head))
-    lightly_utils.deactivate_requires_grad(teacher_net)
     criterion = DINOLoss(
         output_dim=hp.out_dim,
         warmup_teacher_temp=hp.warmup_teacher_temp,
@@ -276,25 +238,10 @@ def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> 
         warmup_teacher_temp_epochs=hp.warmup_teacher_temp_epochs,
         student_temp=hp.student_temp,
         center_momentum=hp.center_momentum,
-    ).to(options.device)
-
-    def forward(views, progress):
-        with torch.no_grad():
-            teacher_out = [teacher_net(view) for view in views[:2]]
-        student_out = [student_net(view) for view in views]
-        return criterion(teacher_out, student_out, epoch=progress.epoch)
-
-    def before_optimizer_step(progress):
-        if hp.clip_grad is not None:
-            nn.utils.clip_grad_norm_(student_net.parameters(), hp.clip_grad)
-        student_head.cancel_last_layer_gradients(progress.epoch)
-
-    def after_optimizer_step(progress):
-        momentum = cosine_schedule(progress.step, progress.total_steps, hp.momentum_teacher, 1.0)
-        lightly_utils.update_momentum(student_net, teacher_net, m=momentum)
-
-    optimizer = make_optimizer(student_net.parameters(), hp, lr)
-    return Step(forward, optimizer, before_optimizer_step, after_optimizer_step)
+    )
+    momentum = cosine(hp.momentum_teacher)
+    setup = setup_of(model, lr, options)
+    return lightly_dino((student, teacher), (student_head, teacher_head), criterion, momentum, setup, hp.clip_grad)
 
 
 def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -302,54 +249,136 @@ def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> S
     the masked patches; MSE against per-patch normalised pixels (``norm_pix_loss``)."""
     hp = model.method.hparams
     vit = timm_model(model)
-    patch_size = vit.patch_embed.patch_size[0]
-    encoder = MaskedVisionTransformerTIMM(vit=vit)
-    with warnings.catch_warnings():  # lightly 1.6 deprecates MAEDecoderTIMM (removal in 1.7)
-        warnings.simplefilter("ignore", FutureWarning)
-        decoder = MAEDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches,
-            patch_size=patch_size,
-            embed_dim=vit.embed_dim,
-            decoder_embed_dim=hp.decoder_embed_dim,
-            decoder_depth=hp.decoder_depth,
-            decoder_num_heads=hp.decoder_num_heads,
-        )
-    net = options.place(nn.ModuleDict({"encoder": encoder, "decoder": decoder}))
-
-    def forward(views, progress):
-        images = views[0]
-        batch, length = images.shape[0], encoder.sequence_length
-        idx_keep, idx_mask = lightly_utils.random_token_mask((batch, length), hp.mask_ratio, device=images.device)
-        encoded = decoder.embed(encoder.encode(images, idx_keep=idx_keep))
-        tokens = lightly_utils.repeat_token(decoder.mask_token, (batch, length))
-        tokens = lightly_utils.set_at_index(tokens, idx_keep, encoded.type_as(tokens))
-        prediction = decoder.predict(lightly_utils.get_at_index(decoder.decode(tokens), idx_mask))
-        target = lightly_utils.get_at_index(lightly_utils.patchify(images, patch_size), idx_mask - 1)
-        if hp.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        return F.mse_loss(prediction, target)
-
-    return Step(forward, make_optimizer(net.parameters(), hp, lr))
+    decoder = mae_decoder(vit, hp.decoder_embed_dim, hp.decoder_depth, hp.decoder_num_heads)
+    return lightly_mae(vit, decoder, hp.mask_ratio, hp.norm_pix_loss, setup_of(model, lr, options))
 
 
-LIGHTLY_STEPS = {"moco_v2": lightly_moco_step, "dino": lightly_dino_step, "mae": lightly_mae_step}
+def lightly_simclr_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's SimCLR example: ``SimCLRProjectionHead`` with the preset's layers (2: v1, 3: v2), ``NTXentLoss``
+    with the preset's temperature, each view its own forward."""
+    hp = model.method.hparams
+    backbone = timm_model(model)
+    dim = backbone.num_features
+    head = SimCLRProjectionHead(dim, hp.proj_hidden_dim or dim, hp.embed_dim, num_layers=hp.num_proj_layers)
+    return lightly_two_views(backbone, head, NTXentLoss(temperature=hp.temperature), setup_of(model, lr, options))
+
+
+def lightly_byol_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's BYOL example: ``BYOLProjectionHead`` + ``BYOLPredictionHead`` of the preset's sizes, target EMA on
+    lightly's ``cosine_schedule`` from τ_base to 1."""
+    hp = model.method.hparams
+    backbone = timm_model(model)
+    projector = BYOLProjectionHead(backbone.num_features, hp.projector_hidden_dim, hp.embed_dim)
+    predictor = BYOLPredictionHead(hp.embed_dim, hp.predictor_hidden_dim, hp.embed_dim)
+    return lightly_byol(backbone, projector, predictor, cosine(hp.momentum), setup_of(model, lr, options))
+
+
+def lightly_simsiam_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's SimSiam example: ``SimSiamProjectionHead``'s blocks with the preset's layers (the last BatchNorm
+    without affine), ``SimSiamPredictionHead``."""
+    hp = model.method.hparams
+    backbone = timm_model(model)
+    dim = backbone.num_features
+    hidden = hp.proj_hidden_dim or dim
+    projector = projection_head((dim, *[hidden] * (hp.proj_layers - 1), hp.dim), nn.BatchNorm1d(hp.dim, affine=False))
+    predictor = SimSiamPredictionHead(hp.dim, hp.pred_dim, hp.dim)
+    return lightly_simsiam(backbone, projector, predictor, setup_of(model, lr, options))
+
+
+def lightly_barlow_twins_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's Barlow Twins example: ``BarlowTwinsProjectionHead``'s blocks over the preset's ``projector_dims``,
+    ``BarlowTwinsLoss`` with its λ."""
+    hp = model.method.hparams
+    backbone = timm_model(model)
+    head = projection_head((backbone.num_features, *hp.projector_dims))
+    criterion = BarlowTwinsLoss(lambda_param=hp.lambd)
+    return lightly_two_views(backbone, head, criterion, setup_of(model, lr, options))
+
+
+def lightly_swav_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's SwAV examples: ``SwaVProjectionHead`` + ``SwaVPrototypes`` of the preset's sizes (frozen for its
+    first ``freeze_prototypes_epochs``), ``SwaVLoss`` with its temperature and Sinkhorn settings, the preset's
+    assigned crops as the high-resolution ones, its queue (length, first epoch) in ``MemoryBankModule`` banks."""
+    hp = model.method.hparams
+    backbone = timm_model(model)
+    projector = SwaVProjectionHead(backbone.num_features, hp.hidden_mlp, hp.feat_dim)
+    frozen_steps = round(hp.freeze_prototypes_epochs * STEPS_PER_EPOCH)
+    prototypes = SwaVPrototypes(hp.feat_dim, hp.nmb_prototypes, n_steps_frozen_prototypes=frozen_steps)
+    criterion = SwaVLoss(hp.temperature, hp.sinkhorn_iterations, hp.epsilon)
+    setup, queue = setup_of(model, lr, options), (hp.queue_length, hp.epoch_queue_starts)
+    return lightly_swav(backbone, projector, prototypes, criterion, setup, len(hp.crops_for_assign), queue)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """How one method is measured: its preset (name, overrides, default batch size) for ``--size small`` (32 px)
+    and ``base`` (224 px), ``bound_views(views) -> (views with gradient, views only the momentum / teacher encoder
+    sees)`` for the bare bound, and its step built from lightly's modules."""
+
+    small: tuple[str, dict, int]
+    base: tuple[str, dict, int]
+    bound_views: Callable[[Views], tuple[Views, Views]]
+    lightly: Callable[[SSLForPreTraining, float, Options], Step]
+
+
+def all_views(views: Views) -> tuple[Views, Views]:
+    return views, []
+
+
+METHODS: dict[str, Bench] = {
+    "moco_v2": Bench(
+        ("moco_v2_resnet18_32px", {}, 128),
+        ("moco_v2_resnet50", {}, 64),
+        lambda views: (views[:1], views[1:]),  # query view; key view
+        lightly_moco_step,
+    ),
+    "dino": Bench(
+        ("dino_vit_tiny_patch4_32px", {"out_dim": 4096}, 64),
+        ("dino_vit_small_patch16_224", {}, 32),
+        lambda views: (views, views[:2]),  # all crops; the 2 global crops through the teacher
+        lightly_dino_step,
+    ),
+    "mae": Bench(
+        ("mae_vit_tiny_patch4_32px", {}, 128), ("mae_vit_base_patch16_224", {}, 64), all_views, lightly_mae_step
+    ),
+    "simclr_v1": Bench(
+        ("simclr_v1_resnet18_32px", {}, 128), ("simclr_v1_resnet50", {}, 64), all_views, lightly_simclr_step
+    ),
+    "simclr_v2": Bench(
+        ("simclr_v2_resnet18_32px", {}, 128), ("simclr_v2_resnet50", {}, 64), all_views, lightly_simclr_step
+    ),
+    "byol": Bench(
+        ("byol_resnet18_32px", {}, 128),
+        ("byol_resnet50", {}, 64),
+        lambda views: (views, views),  # both views through the online network; both again through the target
+        lightly_byol_step,
+    ),
+    "simsiam": Bench(("simsiam_resnet18_32px", {}, 128), ("simsiam_resnet50", {}, 64), all_views, lightly_simsiam_step),
+    "barlow_twins": Bench(
+        ("barlow_twins_resnet18_32px", {}, 128),
+        ("barlow_twins_resnet50", {}, 64),
+        all_views,
+        lightly_barlow_twins_step,
+    ),
+    "swav": Bench(("swav_resnet18_32px", {}, 128), ("swav_resnet50", {}, 32), all_views, lightly_swav_step),
+}
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
 def bench_method(method: str, ns: argparse.Namespace, options: Options) -> dict:
-    preset, overrides, default_batch = PRESETS[ns.size][method]
+    bench = METHODS[method]
+    preset, overrides, default_batch = getattr(bench, ns.size)
     batch = ns.batch_size or default_batch
     model = sslhub.create_model(preset, task="pretraining", **overrides)
-    hp = model.method.hparams
-    lr = hp.lr * batch / hp.lr_batch_size  # the trainer's linear scaling
-    views = make_views(model, batch, options)
+    lr = scaled_learning_rate(model.method.hparams, batch)  # the trainer's scaling of the base lr
+    views = make_views(model, batch, options, ns.seed)
     row = {
         "method": method,
         "config": preset + "".join(f", {k}={v}" for k, v in overrides.items()),
         "batch": batch,
         "views": describe_views(views),
     }
-    builders = {"sslhub": sslhub_step, "bound": bound_step, "lightly": LIGHTLY_STEPS[method]}
+    builders = {"sslhub": sslhub_step, "bound": bound_step, "lightly": bench.lightly}
     steps = {name: build(model, lr, options) for name, build in builders.items()}
     row.update(median_seconds(steps, views, options, ns.warmup, ns.repeats))
     del model, steps
@@ -387,9 +416,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["moco_v2", "dino", "mae"], choices=["moco_v2", "dino", "mae"])
-    parser.add_argument("--size", choices=sorted(PRESETS), default="small", help="32 px presets or 224 px presets")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: per method, see PRESETS")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--size", choices=["small", "base"], default="small", help="32 px presets or 224 px presets")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: per method, see METHODS")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -405,7 +434,8 @@ def main() -> None:
     print(markdown_table(rows))
     print(f"\nMachine: {machine_description(options)}. Median of {ns.repeats} steps after {ns.warmup} warm-up steps.")
     print("Bound = backbone forward+backward+optimizer step on the trained views + no-grad forward on the views only")
-    print("the momentum/teacher encoder sees. MAE's encoder sees only 25 % of the patches: its ratio can be below 1.")
+    print("the momentum/teacher/target encoder sees. MAE's encoder sees only 25 % of the patches: its ratio can be")
+    print("below 1. Bound and lightly use the method's optimizer kind over one parameter group.")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,18 @@ def tf_same_padding_(module: nn.Module, mode: str) -> nn.Module:
     return module
 
 
+def tf_padding_note(tf_padding: str | None) -> str:
+    """What a model card says about an encoder made to pad as TensorFlow (``tf_same_padding_``); "" for PyTorch's."""
+    if tf_padding is None:
+        return ""
+    layers = "stem max-pool" if tf_padding == "max_pool" else "strided convolutions and max-pool"
+    return (
+        f"Padding: TensorFlow's 'SAME' in the {layers} (`tf_padding={tf_padding!r}`), as the model these weights were "
+        "trained in. `sslhub.to_timm(model)` keeps it; a stock timm model holding the same weights pads symmetrically "
+        "and computes other features."
+    )
+
+
 def forward_by_resolution(network: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """``network`` over the crops, each run of consecutive crops of one resolution as one batch (DINO's
     ``MultiCropWrapper``, SwAV's ``ResNet.forward``: BatchNorm sees all crops of a size together); the outputs are
@@ -116,6 +128,17 @@ class Encoder(nn.Module):
     def timm_model(self) -> nn.Module | None:
         return None
 
+    @property
+    def architecture_note(self) -> str:
+        """What a model card should say about the encoder beyond its timm backbone ("" when nothing)."""
+        return ""
+
+    @property
+    def exports_to_timm(self) -> bool:
+        """Whether a stock timm model of the backbone, with timm's own pooling, computes this encoder's pooled
+        output (what ``sslhub.export_timm`` writes)."""
+        return self.timm_model is not None
+
 
 class TimmEncoder(Encoder):
     """A timm backbone (``create_backbone``) followed by its pooling: the default encoder of a method.
@@ -125,6 +148,7 @@ class TimmEncoder(Encoder):
     def __init__(self, name: str, pooling: str | None = None, tf_padding: str | None = None, **kwargs):
         super().__init__()
         self.backbone = create_backbone(name, **kwargs)
+        self.tf_padding = tf_padding
         if tf_padding is not None:
             tf_same_padding_(self.backbone, tf_padding)
         self.pooling = pooling or default_pooling(self.backbone)
@@ -140,3 +164,11 @@ class TimmEncoder(Encoder):
     @property
     def timm_model(self) -> nn.Module:
         return self.backbone
+
+    @property
+    def exports_to_timm(self) -> bool:
+        return self.tf_padding is None
+
+    @property
+    def architecture_note(self) -> str:
+        return tf_padding_note(self.tf_padding)

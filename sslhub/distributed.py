@@ -53,12 +53,29 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: every process's input receives the sum of the
+    gradients of every process's output."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over processes keeping the autograd graph: the gradient of each process's input is the sum of
-    the gradients of every process's output (``torch.distributed.nn.functional.all_reduce``)."""
+    the gradients of every process's output."""
     if world_size() == 1:
         return tensor
-    return dist_nn.all_reduce(tensor.contiguous())
+    return _SumOverProcesses.apply(tensor.contiguous())
 
 
 @torch.no_grad()

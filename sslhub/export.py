@@ -57,10 +57,11 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
     """
     encoder = _released_encoder(model)
     config = encoder.config
-    if encoder.encoder.timm_model is None:
+    if not encoder.encoder.exports_to_timm:
+        note = encoder.encoder.architecture_note
         raise ValueError(
-            f"the {config.method} encoder ({type(encoder.encoder).__name__}) is not a single timm model, so it has no "
-            "timm export; use the sslhub checkpoint itself"
+            f"the {config.method} encoder ({type(encoder.encoder).__name__}) computes what no stock timm model of its "
+            f"backbone does{f' ({note})' if note else ''}, so it has no timm export; use the sslhub checkpoint itself"
         )
     backbone = copy.deepcopy(encoder.encoder.timm_model).eval()
     backbone.reset_classifier(0, global_pool=TIMM_POOLING[encoder.encoder.pooling])

@@ -49,6 +49,7 @@ class SSLPreTrainedModel(PreTrainedModel):
             task=CARD_TASK.get(type(self).__name__, "features"),
             num_parameters=self.num_parameters(),
             method_info=get_method(self.config.method).card_info(),
+            architecture_note=self._released_encoder_module().architecture_note,
             training=training,
             results=results,
             **card_fields,
@@ -64,6 +65,10 @@ class SSLPreTrainedModel(PreTrainedModel):
             return push_checkpoint(
                 tmp, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
             )
+
+    def _released_encoder_module(self):
+        """The ``Encoder`` module this model holds or releases."""
+        raise NotImplementedError
 
     # Keys a checkpoint of another task may lack because this class creates them (a classifier on an encoder).
     _new_keys: tuple[str, ...] = ()
@@ -88,6 +93,11 @@ class SSLPreTrainedModel(PreTrainedModel):
         # lists the mismatches as (key, file shape, model shape), checked here like the missing keys.
         loading = {**kwargs, "config": config, "ignore_mismatched_sizes": True}
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **loading)
+        with torch.device("meta"):  # the requires_grad flags the modules set when built (frozen key encoders,
+            fresh = cls(config)  # MoCo v3's patch projection, DINO's weight_g): transformers 5 loads them all True
+        trainable = {name: p.requires_grad for name, p in fresh.named_parameters()}
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
         missing = [key for key in info["missing_keys"] if not key.startswith(cls._new_keys)]
         wrong = [
             f"{key}: file {tuple(file)} vs model {tuple(expected)}"
@@ -137,6 +147,9 @@ class SSLModel(SSLPreTrainedModel):
     def num_features(self) -> int:
         return self.encoder.num_features
 
+    def _released_encoder_module(self):
+        return self.encoder
+
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):
         hidden = self.encoder.forward_features(pixel_values)
         output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=self.encoder.pool(hidden))
@@ -171,6 +184,9 @@ class SSLForPreTraining(SSLPreTrainedModel):
         out = self.method(Batch.of(pixel_values, **extras))
         return SSLPreTrainingOutput(loss=out.loss, metrics=out.metrics)
 
+    def _released_encoder_module(self):
+        return self.method.released_encoder
+
     def released_model(self) -> SSLModel:
         """An ``SSLModel`` holding a copy of the released encoder's weights."""
         model = SSLModel(self.config)
@@ -192,6 +208,9 @@ class SSLForImageClassification(SSLPreTrainedModel):
         self.num_labels = config.num_labels
         self.classifier = nn.Linear(self.ssl.num_features, config.num_labels)
         self.post_init()
+
+    def _released_encoder_module(self):
+        return self.ssl.encoder
 
     @classmethod
     def from_released_encoder(cls, encoder: SSLModel, config: SSLConfig) -> SSLForImageClassification:

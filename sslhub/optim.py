@@ -10,8 +10,11 @@ Why not timm's ``Lars`` for it: timm (as NVIDIA apex's LARC) divides by ``||g|| 
 gradient is zero at ratio 1. Measured on a ResNet-18 step (BENCHMARKS.md): the updates agree to 1e-5 relative for
 ordinary tensors at λ = 1e-6, but MoCo v3 zero-initialises the last BN of each residual block, so at the first steps
 the convolutions before it have zero gradient: the official rule moves them by ``lr η ||w||`` towards 0, timm's by
-``lr λ w`` — 100 % different. ``larc``: timm's ``Lars(trust_clip=True)``, which is apex's LARC (ratio clipped at
-``min(ratio / lr, 1)``, denominator ``||g|| + λ ||w|| + ε``), for the recipes that use apex (SwAV).
+``lr λ w`` — 100 % different. ``larc``: timm's ``Lars(trust_clip=False, always_adapt=True)``, which is NVIDIA apex's
+LARC as SwAV's ``main_swav.py`` wraps SGD with it (``clip=False``: ratio ``η ||w|| / (||g|| + λ ||w|| + ε)``, not
+capped at ``lr``) except for a tensor with zero gradient, which apex leaves alone and timm decays by ``lr λ w``
+(measured on a SwAV step at lr 4.8: 0 with SwAV's initialisation, 5e-5 of the update with zero-initialised residual
+BatchNorms, ``tests/test_swav.py``).
 """
 
 from __future__ import annotations
@@ -77,9 +80,10 @@ def _lars(groups, lr: float, momentum: float = 0.9, **_) -> torch.optim.Optimize
 
 
 def _larc(groups, lr: float, momentum: float = 0.9, **_) -> torch.optim.Optimizer:
-    """apex's LARC as SwAV wraps SGD with it: every tensor adapted, its group's weight decay inside the ratio."""
+    """apex's LARC as SwAV wraps SGD with it (``clip=False``): every tensor adapted, its group's weight decay inside
+    the ratio."""
     groups = [{**group, "always_adapt": True} for group in groups]
-    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=TRUST_COEFFICIENT, trust_clip=True)
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=TRUST_COEFFICIENT, trust_clip=False)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {

@@ -48,7 +48,9 @@ class PretrainedTag:
     where the facts come from; ``dataset``: what ``metrics`` were measured on, also the pretraining data unless
     ``pretraining_data`` says otherwise; ``overrides``: config fields that differ from the preset (input size,
     mean / std); ``converted_file`` / ``conversion``: for a release the authors publish only in another framework
-    (TensorFlow, JAX), the name of the PyTorch conversion sslhub reads and how to make it (nothing is downloaded).
+    (TensorFlow, JAX), the name of the PyTorch conversion sslhub reads and how to make it (nothing is downloaded);
+    ``download_name``: the name sslhub keeps the authors' file under (cache, ``$SSLHUB_PRETRAINED_DIR``, the zoo
+    script's input folder) when another release publishes a file of the same name.
     """
 
     preset: str
@@ -67,6 +69,7 @@ class PretrainedTag:
     overrides: dict[str, Any] = field(default_factory=dict)
     converted_file: str | None = None
     conversion: str = ""
+    download_name: str | None = None
 
     @property
     def name(self) -> str:
@@ -74,8 +77,9 @@ class PretrainedTag:
 
     @property
     def file_name(self) -> str:
-        """The file sslhub converts: the authors' download, or the PyTorch conversion of it."""
-        return self.converted_file or self.url.rsplit("/", 1)[-1]
+        """The file sslhub converts: the authors' download (under ``download_name`` where several releases publish
+        files of one name, SimSiam's ``checkpoint_0099.pth.tar``), or the PyTorch conversion of it."""
+        return self.converted_file or self.download_name or self.url.rsplit("/", 1)[-1]
 
 
 def register_method(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:

@@ -397,13 +397,16 @@ class Pretrainer:
             self.accelerator.log(values, step=self.state.step)
 
     def learning_rate(self, progress: TrainingProgress) -> float:
-        """The method's ``lr_schedule``: warm-up + cosine per step, or the step schedule per epoch."""
+        """The method's ``lr_schedule``: warm-up + cosine per step, the cosine set once per epoch (SimSiam's
+        ``adjust_learning_rate``: ``0.5 (1 + cos(π epoch / epochs))`` for the whole epoch), or the step schedule per
+        epoch."""
         if self.hparams.lr_schedule == "step":
             return step_learning_rate_at(progress.epoch, self.peak_lr, self.hparams.lr_milestones)
         hp = self.hparams
         minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
         start = hp.warmup_start_ratio * self.peak_lr
-        return learning_rate_at(progress.step, self.total_steps, self.warmup_steps, self.peak_lr, minimum, start)
+        step = progress.epoch * self.steps_per_epoch if hp.lr_schedule == "cosine_epoch" else progress.step
+        return learning_rate_at(step, self.total_steps, self.warmup_steps, self.peak_lr, minimum, start)
 
     def set_schedules(self, progress: TrainingProgress) -> None:
         """Learning rate (times each group's ``lr_scale``; the peak for ``fixed_lr`` groups), weight decay of the

@@ -1,8 +1,21 @@
 """Helpers shared by the test modules (``tests/`` is on ``sys.path`` under pytest's default import mode)."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 import sslhub
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def zoo_script():
+    """``conversion/convert_official.py`` (a script, not a package module) as a module."""
+    spec = importlib.util.spec_from_file_location("convert_official", ROOT / "conversion" / "convert_official.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(preset, **overrides):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import zoo_script
 from huggingface_hub import ModelCard
 from huggingface_hub import constants as hub_constants
 from torch import nn
@@ -574,24 +574,17 @@ def test_cli_convert_and_list_pretrained(tmp_path, vit_small_state, capsys):
 
 
 # ---- conversion/convert_official.py: the zoo script and the model_cards/ catalogue ---------------------------------
-def _zoo_script():
-    spec = importlib.util.spec_from_file_location("convert_official", ROOT / "conversion" / "convert_official.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_zoo_script_converts_and_verifies_against_timm(tmp_path, vit_small_state):
     path = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save(vit_small_state, path)
-    result = _zoo_script().convert_release(get_pretrained("dino_vit_small_patch16_224.in1k"), path, tmp_path / "out")
+    result = zoo_script().convert_release(get_pretrained("dino_vit_small_patch16_224.in1k"), path, tmp_path / "out")
     assert result["independent_rel_error"] < 1e-4
     assert result["reload_max_abs_diff"] == 0.0
     assert (tmp_path / "out" / "dino_vit_small_patch16_224.in1k" / "model.safetensors").is_file()
 
 
 def test_model_cards_catalogue_lists_every_release_as_the_registry_renders_it(tmp_path, monkeypatch):
-    script = _zoo_script()
+    script = zoo_script()
     monkeypatch.setattr(script, "CARDS", tmp_path)
     committed = ROOT / "model_cards"
     for name in sslhub.list_pretrained():
@@ -622,3 +615,25 @@ def test_release_source_order_and_url_download(tmp_path, sslhub_cache, monkeypat
     assert path.read_bytes() == b"dino_deitsmall16_pretrain.pth"
     (downloads / "dino_deitsmall16_pretrain.pth").unlink()  # a second call must not download again
     assert release_source(remote, "features")[0] == path
+
+
+def test_a_release_read_as_a_pytorch_conversion_is_never_downloaded(tmp_path, sslhub_cache, monkeypatch):
+    """Releases the authors publish only for TensorFlow / JAX are read as a named PyTorch conversion: found in
+    ``$SSLHUB_PRETRAINED_DIR`` under that name, else one error naming the file, the authors' URL and the converter."""
+    tag = dataclasses.replace(
+        get_pretrained("dino_resnet50.in1k"),
+        url="https://example.org/model.ckpt.zip",
+        hf_hub_id=None,
+        converted_file="converted.pth",
+        conversion="python convert.py model.ckpt converted.pth (some/converter)",
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CheckpointError) as info:
+        release_source(tag, "features")
+    message = str(info.value)
+    assert "converted.pth" in message and "https://example.org/model.ckpt.zip" in message
+    assert "some/converter" in message and "pretrained_path" in message
+    assert not (sslhub_cache / "downloads").exists()
+    (tmp_path / "converted.pth").write_bytes(b"weights")
+    monkeypatch.setenv("SSLHUB_PRETRAINED_DIR", str(tmp_path))
+    assert release_source(tag, "features")[0] == tmp_path / "converted.pth"

@@ -127,3 +127,12 @@ def test_cli_export_of_a_saved_checkpoint(tmp_path, images, capsys):
     with torch.no_grad():
         expected = model(images).last_hidden_state
         assert torch.allclose(vit(images).last_hidden_state, expected, atol=1e-5)
+
+
+def test_export_timm_refuses_an_encoder_that_pads_as_tensorflow_in_one_sentence(tmp_path):
+    """A release whose ResNet pads as its TensorFlow / JAX model (BYOL's 'SAME') has no faithful timm config."""
+    model = sslhub.create_model("byol_resnet18_32px", tf_padding="same")
+    with pytest.raises(ValueError, match="no timm export") as info:
+        export.export_timm(model, tmp_path / "timm")
+    assert "TensorFlow's 'SAME'" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "timm").exists()

@@ -13,7 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslhub.heads import DINOHead, MLPHead
-from sslhub.losses import dino_cross_entropy, info_nce_with_queue, masked_patch_mse
+from sslhub.losses import (
+    barlow_twins,
+    cross_correlation,
+    dino_cross_entropy,
+    info_nce_with_queue,
+    masked_patch_mse,
+    negative_cosine,
+    normalized_mse,
+    nt_xent,
+    redundancy_reduction,
+    sinkhorn_knopp,
+    swapped_prediction,
+)
 from sslhub.masking import patchify, random_masking, sincos_2d_position_embedding
 
 
@@ -284,3 +296,141 @@ def test_mlp_head_is_linear_relu_linear(gen):
     x = torch.randn(5, 6, generator=gen)
     hidden = (x @ head[0].weight.t() + head[0].bias).clamp(min=0)
     torch.testing.assert_close(head(x), hidden @ head[2].weight.t() + head[2].bias)
+
+
+@pytest.mark.parametrize(
+    "kwargs, layers",
+    [
+        (
+            {"batch_norm": True, "hidden_bias": True, "bias": False},
+            [(nn.Linear, True), nn.BatchNorm1d, nn.ReLU, (nn.Linear, False)],
+        ),  # BYOL  # fmt: skip
+        ({"batch_norm": True, "bias": True}, [(nn.Linear, False), nn.BatchNorm1d, nn.ReLU, (nn.Linear, True)]),
+        ({"bias": False}, [(nn.Linear, False), nn.ReLU, (nn.Linear, False)]),
+    ],
+)
+def test_mlp_head_biases_follow_the_options(kwargs, layers):
+    head = MLPHead((6, 9, 4), **kwargs)
+    assert len(head) == len(layers)
+    for module, expected in zip(head, layers, strict=True):
+        kind, bias = expected if isinstance(expected, tuple) else (expected, None)
+        assert type(module) is kind
+        if bias is not None:
+            assert (module.bias is not None) is bias
+
+
+def test_mlp_head_last_bn_without_affine_or_with_a_scale_and_a_zero_bias(gen):
+    plain = MLPHead((6, 4), last_bn=True)[-1]
+    assert isinstance(plain, nn.BatchNorm1d) and not plain.affine
+    head = MLPHead((6, 9, 4), batch_norm=True, bias=False, last_bn=True, last_bn_scale=True)
+    scaled = head[-1]
+    assert scaled.weight.requires_grad and not scaled.bias.requires_grad and torch.equal(scaled.bias, torch.zeros(4))
+    head(torch.randn(8, 6, generator=gen)).sum().backward()
+    assert scaled.weight.grad is not None and scaled.bias.grad is None
+
+
+# ---- SimCLR NT-Xent (arXiv 2002.05709, eq. 1) ------------------------------------------------------------------------
+def reference_nt_xent(z1, z2, temperature):
+    """Eq. 1 with explicit loops: 2N unit vectors, l(i, j) = -log exp(s_ij/τ) / Σ_{k≠i} exp(s_ik/τ), mean over the
+    2N (anchor, positive) pairs."""
+    z = np.concatenate([np64(z1), np64(z2)])
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n = len(z1)
+    losses = []
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denominator = sum(math.exp(z[i] @ z[k] / temperature) for k in range(2 * n) if k != i)
+        losses.append(-math.log(math.exp(z[i] @ z[j] / temperature) / denominator))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_nt_xent_is_simclr_eq1(gen, temperature):
+    z1, z2 = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    assert nt_xent(z1, z2, temperature).item() == pytest.approx(reference_nt_xent(z1, z2, temperature), rel=1e-5)
+
+
+def test_nt_xent_of_local_anchors_against_the_global_batch_averages_to_the_global_loss(gen):
+    """Across processes each rank contrasts its anchors with every rank's projections; the mean of the ranks'
+    losses (DDP's gradient average) is the loss of the whole batch, gradients included."""
+    z1 = torch.randn(8, 5, generator=gen, requires_grad=True)
+    z2 = torch.randn(8, 5, generator=gen, requires_grad=True)
+    whole = nt_xent(z1, z2, 0.2)
+    (grad1, grad2) = torch.autograd.grad(whole, (z1, z2))
+    ranks = [nt_xent(z1[r * 4 : r * 4 + 4], z2[r * 4 : r * 4 + 4], 0.2, z1, z2, offset=r * 4) for r in range(2)]
+    split = sum(ranks) / 2
+    torch.testing.assert_close(split, whole)
+    for split_grad, grad in zip(torch.autograd.grad(split, (z1, z2)), (grad1, grad2), strict=True):
+        torch.testing.assert_close(split_grad, grad)
+
+
+# ---- SimSiam (arXiv 2011.10566, eq. 1) and BYOL (arXiv 2006.07733, eq. 2) --------------------------------------------
+def test_negative_cosine_is_simsiam_d_with_stop_gradient(gen):
+    p = torch.randn(4, 7, generator=gen, requires_grad=True)
+    z = torch.randn(4, 7, generator=gen, requires_grad=True)
+    expected = -np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(np64(p), np64(z), strict=True)])
+    loss = negative_cosine(p, z)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_normalized_mse_is_byol_eq2(gen):
+    p = torch.randn(4, 7, generator=gen, requires_grad=True)
+    z = torch.randn(4, 7, generator=gen, requires_grad=True)
+    expected = np.mean(
+        [((a / np.linalg.norm(a) - b / np.linalg.norm(b)) ** 2).sum() for a, b in zip(np64(p), np64(z), strict=True)]
+    )
+    loss = normalized_mse(p, z)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert p.grad is not None and z.grad is None
+
+
+# ---- Barlow Twins (arXiv 2103.03230, eq. 1-2) ------------------------------------------------------------------------
+def reference_cross_correlation(z1, z2, eps=1e-5):
+    """Eq. 2 with the official code's normalisation: each dimension standardised over the batch (BatchNorm without
+    affine: biased variance), then C_ij = Σ_b a_bi c_bj / N."""
+    a, c = np64(z1), np64(z2)
+    a = (a - a.mean(0)) / np.sqrt(a.var(0) + eps)
+    c = (c - c.mean(0)) / np.sqrt(c.var(0) + eps)
+    n, d = a.shape
+    return np.array([[sum(a[b, i] * c[b, j] for b in range(n)) / n for j in range(d)] for i in range(d)])
+
+
+def test_barlow_twins_is_eq1_on_the_batch_normalised_cross_correlation(gen):
+    z1, z2 = torch.randn(10, 4, generator=gen) * 3 + 1, torch.randn(10, 4, generator=gen)
+    c = reference_cross_correlation(z1, z2)
+    np.testing.assert_allclose(np64(cross_correlation(z1, z2)), c, rtol=1e-5, atol=1e-6)
+    on = sum((1 - c[i, i]) ** 2 for i in range(4))
+    off = sum(c[i, j] ** 2 for i in range(4) for j in range(4) if i != j)
+    assert barlow_twins(z1, z2, 0.0051).item() == pytest.approx(on + 0.0051 * off, rel=1e-5)
+    assert redundancy_reduction(torch.eye(4), 0.5).item() == 0.0
+
+
+# ---- SwAV swapped prediction (arXiv 2006.09882, eq. 1-3) -------------------------------------------------------------
+def test_sinkhorn_codes_have_uniform_prototype_marginals_and_rows_summing_to_one(gen):
+    cosines = (
+        F.normalize(torch.randn(12, 4, generator=gen), dim=1) @ F.normalize(torch.randn(6, 4, generator=gen), dim=1).T
+    )
+    codes = sinkhorn_knopp(cosines, 0.05, iterations=500)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(12))
+    torch.testing.assert_close(codes.sum(dim=0), torch.full((6,), 2.0), rtol=1e-3, atol=1e-3)
+
+
+def test_swapped_prediction_is_swav_eq1_over_every_other_crop(gen):
+    scores = [torch.randn(3, 5, generator=gen, requires_grad=True) for _ in range(4)]
+    codes = [torch.softmax(torch.randn(3, 5, generator=gen), dim=1) for _ in range(2)]
+    expected = []
+    for code, crop in zip(codes, (0, 1), strict=True):
+        terms = []
+        for v, score in enumerate(scores):
+            if v == crop:
+                continue
+            p = np.array([softmax(row / 0.1) for row in np64(score)])
+            terms.append(np.mean([-(q * np.log(row)).sum() for q, row in zip(np64(code), p, strict=True)]))
+        expected.append(np.mean(terms))
+    loss = swapped_prediction(scores, codes, 0.1, assigned=(0, 1))
+    assert loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    loss.backward()
+    assert all(score.grad is not None for score in scores)

@@ -120,6 +120,8 @@ def test_pretraining_save_and_load_is_exact(method_name, tmp_path):
     assert loaded.state_dict().keys() == expected.keys()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # key encoders, teachers ...
+    assert {name for name, p in loaded.named_parameters() if not p.requires_grad} == frozen
     batch = recipe_batch(model)
     model.eval(), loaded.eval()
     with torch.no_grad():

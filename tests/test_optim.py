@@ -51,12 +51,12 @@ def moco_v3_lars_step(net, state, lr, weight_decay, momentum=0.9, eta=0.001):
 
 @torch.no_grad()
 def apex_larc_sgd_step(net, state, lr, weight_decay, momentum=0.9, trust=0.001, eps=1e-8):
+    """apex ``LARC(SGD(...), trust_coefficient=trust, clip=False)`` as SwAV's ``main_swav.py`` builds it."""
     for p in net.parameters():
         grad = p.grad.clone()
         param_norm, grad_norm = torch.norm(p), torch.norm(grad)
         if param_norm != 0 and grad_norm != 0:
             adaptive_lr = trust * param_norm / (grad_norm + param_norm * weight_decay + eps)
-            adaptive_lr = min(adaptive_lr / lr, 1)  # clip=True
             grad += weight_decay * p
             grad *= adaptive_lr
         buf = state.get(p)
@@ -81,14 +81,15 @@ def test_lars_is_moco_v3_lars(zero_init, weight_decay):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-6])
-def test_larc_is_apex_larc(weight_decay):
+@pytest.mark.parametrize("lr", [4.8, 0.0048])  # SwAV's peak and final lr: a ratio capped at lr would differ at both
+def test_larc_is_apex_larc_without_clipping(weight_decay, lr):
     ours, reference = small_net(False), small_net(False)
-    optimizer = create_optimizer("larc", [{"params": ours.parameters(), "weight_decay": weight_decay}], lr=0.6)
+    optimizer = create_optimizer("larc", [{"params": ours.parameters(), "weight_decay": weight_decay}], lr=lr)
     state = {}
     for step in range(3):
         backward(ours, step), backward(reference, step)
         optimizer.step()
-        apex_larc_sgd_step(reference, state, lr=0.6, weight_decay=weight_decay)
+        apex_larc_sgd_step(reference, state, lr=lr, weight_decay=weight_decay)
     for (name, a), b in zip(ours.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 

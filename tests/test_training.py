@@ -55,6 +55,23 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
     assert learning_rate_at(100, 100, 10, peak, minimum) == pytest.approx(minimum)
 
 
+def test_warmup_start_and_final_lr_ratio_and_fixed_lr_groups(image_folder, tmp_path):
+    """SwAV / Barlow Twins: warm-up from ``warmup_start_ratio`` x peak, cosine down to ``min_lr_ratio`` x peak (the
+    absolute ``min_lr`` when larger); SimSiam: a ``fixed_lr`` group stays at the peak all along."""
+    assert learning_rate_at(0, 100, 10, 0.5, 0.01, start=0.1) == pytest.approx(0.1)
+    assert learning_rate_at(5, 100, 10, 0.5, 0.01, start=0.1) == pytest.approx(0.3)
+    overrides = {"queue_size": 64, "warmup_epochs": 1, "warmup_start_ratio": 0.25, "min_lr_ratio": 0.001}
+    trainer = Pretrainer(tiny_args(image_folder, tmp_path, epochs=4, knn_every=0, overrides=overrides))
+    peak, total = trainer.peak_lr, trainer.total_steps
+    assert trainer.learning_rate(TrainingProgress(0, total, 3)) == pytest.approx(0.25 * peak)
+    assert trainer.learning_rate(TrainingProgress(total, total, 3)) == pytest.approx(0.001 * peak)
+    trainer.hparams.min_lr = 0.01 * peak
+    assert trainer.learning_rate(TrainingProgress(total, total, 3)) == pytest.approx(0.01 * peak)
+    trainer.optimizer.param_groups[0]["fixed_lr"] = True
+    trainer.set_schedules(TrainingProgress(total - 1, total, 3))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak, rel=1e-12)
+
+
 def test_warmup_never_exceeds_a_quarter_of_the_run(image_folder, tmp_path):
     """A warm-up longer than the run would keep the learning rate below its peak for the whole run: it is capped at
     ``MAX_WARMUP_FRACTION`` (25 %) of the optimizer steps."""

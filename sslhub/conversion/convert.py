@@ -147,11 +147,9 @@ def build_converted_model(
         logger.warning("%s holds only the released encoder: the %s heads keep their initialisation", source,
                        config.method)  # fmt: skip
         encoder_state = _encoder_state(released, converted, config, what)
-        state = {
-            prefix + key: value
-            for prefix in _encoder_copies(model.method, released)
-            for key, value in encoder_state.items()
-        }
+        for prefix in _encoder_copies(model.method, released):
+            load_strict(model.method.get_submodule(prefix[:-1]), encoder_state, what)
+        return model.eval()
     else:
         state = dict(converted.method)
         timm_model = released.timm_model
@@ -197,7 +195,7 @@ def convert_checkpoint(
     converted = read_checkpoint(checkpoint, layout)
     config = SSLConfig.from_preset(model.partition(".")[0])
     recorded = {key: value for key, value in converted.method_overrides.items() if key in config.method_kwargs}
-    config = config.with_overrides(**recorded, **overrides)
+    config = config.with_overrides(**{**recorded, **overrides})
     return build_converted_model(config, converted, task, str(checkpoint))
 
 

@@ -33,7 +33,7 @@ def _download_url(url: str, destination: Path) -> Path:
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(
             f"{destination.name} is not in the sslhub cache and HF_HUB_OFFLINE is set: download {url} yourself and "
-            f"pass pretrained_path=FILE (or put it in ${PRETRAINED_DIR_ENV})"
+            f"pass pretrained_path=FILE (or put it in ${PRETRAINED_DIR_ENV} as {destination.name})"
         )
     import torch.hub
 
@@ -72,7 +72,7 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
                 f"{tag.name}: {tag.hf_hub_id}/{tag.hf_filename} is not in the Hugging Face cache and the Hub cannot be "
                 f"reached (offline); pass pretrained_path=FILE with {tag.file_name} from {tag.url}"
             ) from err
-    return _download_url(url, cache_root() / "downloads" / url.rsplit("/", 1)[-1]), ""
+    return _download_url(url, cache_root() / "downloads" / name), ""
 
 
 def _stamp(path: Path) -> dict:
@@ -109,7 +109,7 @@ def release_card_fields(tag: PretrainedTag) -> dict:
         {"epochs": tag.epochs} if tag.epochs is not None else {}
     )
     results = {
-        f"ImageNet {METRIC_NAMES.get(metric, metric)} top-1 (authors)": value / 100
+        f"ImageNet {METRIC_NAMES.get(metric, metric)} top-1 (authors)": round(value / 100, 6)
         for metric, value in tag.metrics.items()
     }
     method = get_method(get_preset(tag.preset).method)

@@ -75,6 +75,7 @@ def render_model_card(
     source: str | None = None,
     pretrained_name: str | None = None,
     eval_data: str | None = None,
+    architecture_note: str = "",
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
@@ -87,7 +88,7 @@ def render_model_card(
     ``source``: where converted weights come from (the authors' release), shown under "Pretraining";
     ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads;
     ``eval_data``: the data ``results`` were measured on when it is not the training data (DINOv2: LVD-142M /
-    ImageNet).
+    ImageNet); ``architecture_note``: what the encoder has beyond its timm backbone (``Encoder.architecture_note``).
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
@@ -125,6 +126,7 @@ def render_model_card(
         arxiv=method_info.get("arxiv"),
         citation=(method_info.get("citation") or "").strip(),
         released_encoder=method_info.get("released_encoder"),
+        architecture_note=architecture_note,
         data_name=data_name,
         eval_data_name=eval_name,
         source=source,

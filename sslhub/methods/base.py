@@ -38,7 +38,7 @@ from sslhub.transforms import ViewRecipe, eval_transform
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
 
-LR_SCHEDULES = ("cosine", "step")
+LR_SCHEDULES = ("cosine", "cosine_epoch", "step")
 LR_SCALINGS = ("linear", "sqrt")
 
 
@@ -68,7 +68,11 @@ class MethodHparams:
     betas: tuple[float, float] = hparam((0.9, 0.999), "AdamW betas")
     clip_grad: float | None = hparam(None, "gradient clipping threshold (None: no clipping)")
     epochs: int = hparam(200, "pretraining epochs of the paper's recipe")
-    lr_schedule: str = hparam("cosine", "'cosine' (warm-up then half-cosine, per step) or 'step' (per epoch)")
+    lr_schedule: str = hparam(
+        "cosine",
+        "'cosine' (warm-up then half-cosine, per step), 'cosine_epoch' (half-cosine set once per epoch) or 'step' "
+        "(per epoch)",
+    )
     lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by 0.1")
     lr_scaling: str = hparam("linear", "'linear' or 'sqrt' scaling of lr with the batch size")
     sync_batch_norm: bool = hparam(
@@ -80,8 +84,8 @@ class MethodHparams:
             raise ValueError(f"lr_scaling {self.lr_scaling!r}: expected one of {LR_SCALINGS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
-        if self.lr_schedule == "step" and self.warmup_epochs:
-            raise ValueError("lr_schedule 'step' has no warm-up: set warmup_epochs=0")
+        if self.lr_schedule in ("step", "cosine_epoch") and self.warmup_epochs:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} has no warm-up: set warmup_epochs=0")
 
 
 @dataclass
