@@ -146,16 +146,21 @@ def asymmetric_pair(
 
 
 def eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float | None = None
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float | None = None,
+    interpolation: v2.InterpolationMode = BICUBIC,
 ) -> v2.Compose:
     """Evaluation as timm and DINO ``eval_linear.py``: bicubic resize of the short side to
     ``int(image_size / crop_pct)``, centre crop, normalise; one tensor. ``crop_pct`` defaults to 0.875
-    (256 -> 224), and to 1.0 (no crop) for images of 64 px or less."""
+    (256 -> 224), and to 1.0 (no crop) for images of 64 px or less; ``interpolation=BILINEAR`` is torchvision's
+    ``Resize(256)`` default that the linear evaluations of SimSiam, Barlow Twins and SwAV use."""
     if crop_pct is None:
         crop_pct = 1.0 if image_size <= 64 else 0.875
     return v2.Compose(
         [
-            v2.Resize(int(image_size / crop_pct), interpolation=BICUBIC),
+            v2.Resize(int(image_size / crop_pct), interpolation=interpolation),
             v2.CenterCrop(image_size),
             *normalize(mean, std),
         ]

@@ -32,6 +32,9 @@ report = {
         key: hashlib.sha256(value.detach().cpu().numpy().tobytes()).hexdigest() for key, value in state.items()
     },
     "parameters": [name for name, _ in result.model.named_parameters()],
+    "batch_norms": sorted(
+        {type(m).__name__ for m in result.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    ),
 }
 with open(os.path.join(output_dir, f"rank{os.environ['RANK']}.json"), "w") as handle:
     json.dump(report, handle)

@@ -49,7 +49,17 @@ def test_dino_two_processes_end_identical(image_folder, tmp_path):
 def test_moco_two_processes_share_parameters_and_queue(image_folder, tmp_path):
     rank0, rank1 = run_two_processes(tmp_path, image_folder, "moco_v2_resnet18_32px", {"queue_size": 64})
     assert rank0["num_processes"] == 2
+    assert rank0["batch_norms"] == ["BatchNorm2d"]  # shuffling BN: per-process statistics
     shared = [k for k in rank0["digests"] if k in rank0["parameters"] or k.endswith(("queue", "queue_ptr"))]
     assert any(k.endswith("queue") for k in shared) and any("encoder_k" in k for k in shared)
     for key in shared:
         assert rank0["digests"][key] == rank1["digests"][key], key
+
+
+def test_simclr_two_processes_normalise_and_contrast_over_the_global_batch(image_folder, tmp_path):
+    """SimCLR's global BN (``sync_batch_norm``: every BatchNorm of the model over both processes' images) and
+    negatives gathered with gradients: both ranks end with the same parameters and BatchNorm statistics."""
+    rank0, rank1 = run_two_processes(tmp_path, image_folder, "simclr_v1_resnet18_32px", {"proj_hidden_dim": 64})
+    assert rank0["num_processes"] == 2 and rank0["batch_norms"] == ["GlobalBatchNorm"]
+    assert rank0["losses"] != rank1["losses"]  # each rank's anchors are its own shard
+    assert rank0["digests"] == rank1["digests"]

@@ -17,6 +17,7 @@ from sslhub.methods import TrainingProgress
 from sslhub.methods.dinov2 import DINOv2Hparams
 from sslhub.methods.moco import MoCoV2Hparams
 from sslhub.training import (
+    DEFAULT_MODEL,
     MAX_WARMUP_FRACTION,
     PretrainArguments,
     Pretrainer,
@@ -263,6 +264,24 @@ def test_builtin_demo_learns(tmp_path):
         PretrainArguments(output_dir=str(tmp_path), epochs=2, batch_size=128, log_with=None, progress=False)
     )
     assert result.knn_final > result.knn_random_init + 0.02
+
+
+@pytest.mark.parametrize("preset", [name for name in sslhub.list_models("*_resnet18_32px") if name != DEFAULT_MODEL])
+def test_every_resnet18_32px_preset_learns_on_the_builtin_digits(preset, tmp_path):
+    """Each method's small-image preset, two epochs on ``--data builtin``: kNN clearly above the same backbone at
+    random initialisation (measured 2026-12-02: +0.42 to +0.73 for the contrastive / Siamese family)."""
+    result = pretrain(
+        PretrainArguments(
+            model=preset,
+            output_dir=str(tmp_path),
+            epochs=2,
+            batch_size=128,
+            log_with=None,
+            progress=False,
+            checkpoint_every=10**6,
+        )  # fmt: skip
+    )
+    assert result.knn_final > result.knn_random_init + 0.2
 
 
 def test_python_dash_m_entry_point():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, prefixed
@@ -22,7 +21,7 @@ from sslhub.losses import redundancy_reduction
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BICUBIC, BILINEAR, MultiView, asymmetric_pair, crop, normalize
+from sslhub.transforms import BICUBIC, BILINEAR, MultiView, asymmetric_pair, crop, eval_transform
 
 
 @dataclass
@@ -154,15 +153,7 @@ class BarlowTwins(SSLMethod):
     def eval_transform(cls, config):
         """``evaluate.py`` validation: bilinear resize of the short side to 256 (8/7 of the size; none at 64 px or
         less), centre crop, ImageNet normalisation."""
-        size = config.image_size
-        resize = size if size <= 64 else int(size * 256 / 224)
-        return v2.Compose(
-            [
-                v2.Resize(resize, interpolation=BILINEAR),
-                v2.CenterCrop(size),
-                *normalize(config.image_mean, config.image_std),
-            ]
-        )
+        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """``main.py`` ``Transform``: BYOL's asymmetric pair with bicubic random resized crops (scale 0.08-1), flip,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.transforms import v2
 
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, prefixed
@@ -20,7 +19,7 @@ from sslhub.losses import negative_cosine
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, flip, normalize, view
+from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, eval_transform, flip, view
 
 
 @dataclass
@@ -174,15 +173,7 @@ class SimSiam(SSLMethod):
     def eval_transform(cls, config):
         """``main_lincls.py``'s validation pre-processing: bilinear resize of the short side to 256 (224 / 0.875),
         centre crop 224, ImageNet normalisation; images of 64 px or less are not cropped (as sslhub's default)."""
-        size = config.image_size
-        crop_pct = 1.0 if size <= 64 else 0.875
-        return v2.Compose(
-            [
-                v2.Resize(int(size / crop_pct), interpolation=BILINEAR),
-                v2.CenterCrop(size),
-                *normalize(config.image_mean, config.image_std),
-            ]
-        )
+        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         cfg, hp = self.config, self.hparams

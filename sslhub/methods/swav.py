@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from sslhub.backbones import forward_by_resolution
 from sslhub.batch import Batch
@@ -32,7 +31,7 @@ from sslhub.losses import sinkhorn_knopp, swapped_prediction
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, flip, normalize, view
+from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, eval_transform, flip, view
 
 SWAV_MEAN = (0.485, 0.456, 0.406)
 SWAV_STD = (0.228, 0.224, 0.225)  # src/multicropdataset.py and eval_linear.py: 0.228, not ImageNet's 0.229
@@ -127,19 +126,6 @@ def swav_views(hp: SwAVHparams, image_size: int, mean: Sequence[float], std: Seq
         )
         transforms += [one] * count
     return MultiView(transforms)
-
-
-def swav_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """``eval_linear.py``: ``Resize(256)`` (bilinear) of the short side, ``CenterCrop(224)``, normalise; the same
-    ratio at other sizes (no crop at 64 px or less, as ``sslhub.transforms.eval_transform``)."""
-    crop_pct = 1.0 if image_size <= 64 else 224 / 256
-    return v2.Compose(
-        [
-            v2.Resize(int(image_size / crop_pct), interpolation=BILINEAR),
-            v2.CenterCrop(image_size),
-            *normalize(mean, std),
-        ]
-    )
 
 
 # ---- the authors' files -------------------------------------------------------------------------------------------
@@ -255,7 +241,9 @@ class SwAV(SSLMethod):
 
     @classmethod
     def eval_transform(cls, config):
-        return swav_eval_transform(config.image_size, config.image_mean, config.image_std)
+        """``eval_linear.py``: ``Resize(256)`` (bilinear) of the short side, ``CenterCrop(224)``, normalise; the same
+        ratio at other sizes (no crop at 64 px or less)."""
+        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
         self.epoch = progress.epoch
