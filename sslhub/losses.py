@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -238,3 +239,154 @@ def masked_patch_mse(
         target_patches = (target_patches - mean) / (var + 1e-6) ** 0.5
     per_patch = ((prediction - target_patches) ** 2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def invariance_spreading(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InvaSpread's instance loss with in-batch features as classifier weights (Ye, Zhang, Yuen, Chang 2019, arXiv
+    1904.03436, eq. 2-5; the official ``BatchCriterion`` with ``negM = 1``).
+
+    The 2N L2-normalised features ``f = [u(z1); u(z2)]`` act as query and, detached (the official ``feat.data``), as
+    the weights ``w``. For query ``r``, ``P(c | r) = exp(w_c·f_r/τ) / Σ_{k≠r} exp(w_k·f_r/τ)`` over the 2N - 1 other
+    features; ``p(r)`` is the other view of its image. ``L = -1/2N Σ_r [log P(p(r) | r) + Σ_{c∉{r, p(r)}} log(1 -
+    P(c | r))]``: every view recognised as its instance (eq. 3) and not as any of the 2N - 2 other features, both
+    views of the other images (eq. 4), in both directions. ``z1``, ``z2``: (N, D) unnormalised features of the two
+    views of the same N images.
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape or z1.shape[0] < 2:
+        raise ValueError(
+            f"invariance_spreading: z1, z2 (N, D), one shape, N >= 2; got {tuple(z1.shape)}, {tuple(z2.shape)}"
+        )
+    features = F.normalize(torch.cat([z1, z2]), dim=1)
+    total = features.shape[0]
+    logits = features @ features.detach().t() / temperature
+    self_mask = torch.eye(total, dtype=torch.bool, device=features.device)
+    log_p = logits - logits.masked_fill(self_mask, float("-inf")).logsumexp(dim=1, keepdim=True)
+    positives = torch.arange(total, device=features.device).roll(total // 2)
+    positive_mask = F.one_hot(positives, total).bool()
+    log_not = torch.log1p(-log_p.exp()).masked_fill(self_mask | positive_mask, 0.0)
+    return -(log_p[positive_mask].sum() + log_not.sum()) / total
+
+
+def nce_loss(probabilities: torch.Tensor, noise_probability: float, eps: float = 1e-7) -> torch.Tensor:
+    """Noise-contrastive estimation (Gutmann & Hyvärinen 2010) as InstDisc uses it (arXiv 1805.01978 eq. 5-7,
+    lemniscate's ``NCECriterion``): ``probabilities`` (B, 1 + K) are the unnormalised model probabilities
+    P(i|v) = exp(v_i·f/τ) / Z, the positive in column 0 and the K noise samples after it; with P_n the noise
+    probability (1/N for uniform noise), ``L = -log(P_0 / (P_0 + K P_n)) - Σ_k log(K P_n / (P_k + K P_n))``, averaged
+    over the batch; ``eps`` in the denominators as the official code."""
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise ValueError(f"probabilities of shape (B, 1 + K) with K >= 1 expected, got {tuple(probabilities.shape)}")
+    k_pn = (probabilities.shape[1] - 1) * noise_probability
+    log_data = torch.log(probabilities[:, 0] / (probabilities[:, 0] + k_pn + eps))
+    log_noise = torch.log(k_pn / (probabilities[:, 1:] + k_pn + eps))
+    return -(log_data.sum() + log_noise.sum()) / probabilities.shape[0]
+
+
+def _pair_logits(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None,
+    all_z2: torch.Tensor | None,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive (2N,) and negative (2N, 2M - 2) logits ``u_i·u_j / τ`` of the 2N anchors (``nt_xent``'s conventions).
+
+    Anchors are ``z1`` then ``z2``; the negatives of an anchor are every other projection of the (gathered) batch except
+    itself and its positive, in the order [other view, same view].
+    """
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    all_z1 = z1 if all_z1 is None else F.normalize(all_z1, dim=1)
+    all_z2 = z2 if all_z2 is None else F.normalize(all_z2, dim=1)
+    batch, total = z1.shape[0], all_z1.shape[0]
+    keep = ~F.one_hot(torch.arange(batch, device=z1.device) + offset, total).bool()
+    positives, negatives = [], []
+    for anchors, same_view, other_view in ((z1, all_z1, all_z2), (z2, all_z2, all_z1)):
+        other = anchors @ other_view.t() / temperature
+        same = anchors @ same_view.t() / temperature
+        positives.append(other[~keep])
+        negatives.append(torch.cat([other[keep].view(batch, -1), same[keep].view(batch, -1)], dim=1))
+    return torch.cat(positives), torch.cat(negatives)
+
+
+def _debiased_loss(
+    positive: torch.Tensor, negatives: torch.Tensor, weighted_sum: torch.Tensor, temperature: float, tau_plus: float
+) -> torch.Tensor:
+    """``-log(e^pos / (e^pos + g))`` with DCL's debiased negative term ``g`` (arXiv 2007.00224 eq. 6), log-space."""
+    count = negatives.shape[1]
+    exp_positive = positive.exp()
+    g = (weighted_sum - tau_plus * count * exp_positive) / (1 - tau_plus)
+    g = g.clamp(min=count * math.exp(-1 / temperature))
+    return (torch.log(exp_positive + g) - positive).mean()
+
+
+def debiased_nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    tau_plus: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Debiased contrastive loss (Chuang et al. 2020, "Debiased Contrastive Learning", arXiv 2007.00224, eq. 6).
+
+    For each of the 2N anchors with positive logit ``p`` and the ``Nn = 2M - 2`` negative logits ``n_k`` (``s = u·v/τ``
+    as in ``nt_xent``), ``g = max((Σ_k e^{n_k} - τ+ Nn e^{p}) / (1 - τ+), Nn e^{-1/τ})`` and
+    ``L = mean(-log(e^p / (e^p + g)))``; the lower clamp and ``Nn`` (all other projections of the batch) follow the
+    official code (chingyaoc/DCL). ``tau_plus = 0`` gives ``nt_xent`` up to the clamp. ``all_z*``/``offset`` as in
+    ``nt_xent``.
+    """
+    positive, negatives = _pair_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    return _debiased_loss(positive, negatives, negatives.exp().sum(dim=1), temperature, tau_plus)
+
+
+def hard_negative_nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    tau_plus: float,
+    beta: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Hard-negative contrastive loss (Robinson et al. 2021, arXiv 2010.04592, eq. 3 with the estimator of §3.2).
+
+    As ``debiased_nt_xent`` but the negative sum ``Σ_k e^{n_k}`` is replaced by the importance-weighted
+    ``Nn Σ_k w_k e^{n_k}`` with ``w_k = e^{β n_k} / Σ_j e^{β n_j}`` (the official code joshr17/HCL: weights
+    ``exp(β·n)`` over the mean weight, then the τ+ debiasing and the ``Nn e^{-1/τ}`` clamp). ``beta = 0`` gives
+    ``debiased_nt_xent``.
+    """
+    positive, negatives = _pair_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    weights = torch.softmax(beta * negatives, dim=1)
+    weighted_sum = negatives.shape[1] * (weights * negatives.exp()).sum(dim=1)
+    return _debiased_loss(positive, negatives, weighted_sum, temperature, tau_plus)
+
+
+def flat_nce(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """FlatNCE (Chen et al. 2021, "Simpler, Faster, Stronger: Breaking The log-K Curse On Contrastive Learners With
+    FlatNCE", arXiv 2107.01152, Algorithm 1).
+
+    Per anchor ``c = logsumexp_k(n_k - p)`` over the negatives, and the loss is ``mean(exp(c - stopgrad(c)))``: its
+    value is 1 by construction; its gradient is ``mean(Σ_k softmax(n - p)_k ∇(n_k - p))``.
+    """
+    positive, negatives = _pair_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    c = torch.logsumexp(negatives - positive[:, None], dim=1)
+    return torch.exp(c - c.detach()).mean()
+
+
+def alignment_loss(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2) -> torch.Tensor:
+    """Alignment ``E ||f(x) - f(y)||^α`` on L2-normalised features (Wang & Isola 2020, arXiv 2005.10242, eq. 4)."""
+    return (F.normalize(z1, dim=1) - F.normalize(z2, dim=1)).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity_loss(z: torch.Tensor, t: float = 2) -> torch.Tensor:
+    """Uniformity ``log E_{i<j} e^{-t ||f_i - f_j||^2}`` on L2-normalised features (arXiv 2005.10242, eq. 5)."""
+    return torch.pdist(F.normalize(z, dim=1), p=2).pow(2).mul(-t).exp().mean().log()

@@ -338,6 +338,7 @@ class Pretrainer:
         self.dataset = load_image_dataset(
             args.data, "train", image_column=args.image_column, label_column=args.label_column
         )
+        model.method.bind_dataset(len(self.dataset))  # before prepare() and before any resume (run())
         recipe = model.method.view_recipe()
         self.views = ViewDataset(self.dataset, recipe, args.seed)
         global_batch = args.batch_size * self.accelerator.num_processes
@@ -359,8 +360,9 @@ class Pretrainer:
         images_per_step = global_batch * args.gradient_accumulation_steps
         self.peak_lr = args.lr if args.lr is not None else scaled_learning_rate(self.hparams, images_per_step)
         optimizer = build_optimizer(model.method, self.peak_lr)
-        if model.method.per_process_buffers:  # DDP must not broadcast rank 0's values over them
-            model._ddp_params_and_buffers_to_ignore = [f"method.{name}" for name in model.method.per_process_buffers]
+        unbroadcast = (*model.method.per_process_buffers, *model.method.replicated_buffers)
+        if unbroadcast:  # DDP must not broadcast rank 0's values over them
+            model._ddp_params_and_buffers_to_ignore = [f"method.{name}" for name in unbroadcast]
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.method = self.accelerator.unwrap_model(self.model).method
         self.steps_per_epoch = len(self.loader) // args.gradient_accumulation_steps

@@ -14,9 +14,13 @@ from torch import nn
 
 from sslhub.heads import DINOHead, MLPHead
 from sslhub.losses import (
+    alignment_loss,
     barlow_twins,
     cross_correlation,
+    debiased_nt_xent,
     dino_cross_entropy,
+    flat_nce,
+    hard_negative_nt_xent,
     info_nce_with_queue,
     masked_patch_mse,
     negative_cosine,
@@ -25,6 +29,7 @@ from sslhub.losses import (
     redundancy_reduction,
     sinkhorn_knopp,
     swapped_prediction,
+    uniformity_loss,
 )
 from sslhub.masking import patchify, random_masking, sincos_2d_position_embedding
 
@@ -434,3 +439,122 @@ def test_swapped_prediction_is_swav_eq1_over_every_other_crop(gen):
     assert loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
     loss.backward()
     assert all(score.grad is not None for score in scores)
+
+
+# ---- contrastive-loss variants (DCL, HCL, FlatNCE, alignment / uniformity) -------------------------------------------
+
+
+def pairs_reference(z1, z2, temperature):
+    """Per anchor k of the 2N (view 1 then view 2): (positive logit, [negative logits]) from explicit loops."""
+    u = [F.normalize(z, dim=1).double().numpy() for z in (z1, z2)]
+    n = u[0].shape[0]
+    rows = []
+    for view in range(2):
+        for i in range(n):
+            anchor = u[view][i]
+            pos = float(anchor @ u[1 - view][i]) / temperature
+            negs = [float(anchor @ u[v][j]) / temperature for v in range(2) for j in range(n) if (v, j) not in
+                    ((view, i), (1 - view, i))]  # fmt: skip
+            rows.append((pos, negs))
+    return rows
+
+
+def dcl_reference(z1, z2, temperature, tau_plus, beta=None):
+    """DCL eq. 6 (HCL with weights exp(β n) normalised by their mean) with the official Nn·e^{-1/τ} clamp."""
+    total = 0.0
+    rows = pairs_reference(z1, z2, temperature)
+    for pos, negs in rows:
+        count = len(negs)
+        if beta is None:
+            neg_sum = sum(math.exp(n) for n in negs)
+        else:
+            weights = [math.exp(beta * n) for n in negs]
+            mean_weight = sum(weights) / count
+            neg_sum = sum(w * math.exp(n) for w, n in zip(weights, negs, strict=True)) / mean_weight
+        g = (neg_sum - tau_plus * count * math.exp(pos)) / (1 - tau_plus)
+        g = max(g, count * math.exp(-1 / temperature))
+        total += -math.log(math.exp(pos) / (math.exp(pos) + g))
+    return total / len(rows)
+
+
+def random_views(seed, n=5, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("tau_plus", [0.0, 0.1, 0.3])
+def test_debiased_nt_xent_is_dcl_eq_6_with_the_official_clamp(tau_plus):
+    z1, z2 = random_views(0)
+    expected = dcl_reference(z1, z2, 0.5, tau_plus)
+    assert debiased_nt_xent(z1, z2, 0.5, tau_plus).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_debiased_nt_xent_clamps_the_negative_term_at_nn_exp_minus_one_over_tau():
+    """Identical views with a large τ+: the debiased estimate is negative and the clamp decides the value."""
+    z1, _ = random_views(1)
+    expected = dcl_reference(z1, z1, 0.5, 0.9)
+    pos = 1 / 0.5
+    count = 2 * z1.shape[0] - 2
+    assert expected == pytest.approx(-math.log(math.exp(pos) / (math.exp(pos) + count * math.exp(-2))))
+    assert debiased_nt_xent(z1, z1, 0.5, 0.9).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("tau_plus", "beta"), [(0.0, 0.5), (0.1, 1.0), (0.1, 3.0)])
+def test_hard_negative_nt_xent_is_hcl_with_importance_weights(tau_plus, beta):
+    z1, z2 = random_views(2)
+    expected = dcl_reference(z1, z2, 0.5, tau_plus, beta)
+    assert hard_negative_nt_xent(z1, z2, 0.5, tau_plus, beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_flat_nce_value_is_one_and_its_gradient_is_the_papers():
+    """Algorithm 1: the gradient is E_anchor Σ_k softmax_k(n - p) ∇(n_k - p), written out with a loop."""
+    z1, z2 = (z.requires_grad_() for z in random_views(3))
+    loss = flat_nce(z1, z2, 0.5)
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    r1, r2 = (z.detach().clone().requires_grad_() for z in (z1, z2))
+    u = [F.normalize(r, dim=1) for r in (r1, r2)]
+    n = r1.shape[0]
+    surrogate = 0
+    for view in range(2):
+        for i in range(n):
+            pos = u[view][i] @ u[1 - view][i] / 0.5
+            negs = torch.stack([u[view][i] @ u[v][j] / 0.5 for v in range(2) for j in range(n) if (v, j) not in
+                                ((view, i), (1 - view, i))])  # fmt: skip
+            weights = torch.softmax(negs - pos, dim=0).detach()
+            surrogate = surrogate + (weights * (negs - pos)).sum()
+    (surrogate / (2 * n)).backward()
+    torch.testing.assert_close(z1.grad, r1.grad)
+    torch.testing.assert_close(z2.grad, r2.grad)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda *a: debiased_nt_xent(*a[:3], 0.1, *a[3:]),
+        lambda *a: hard_negative_nt_xent(*a[:3], 0.1, 1.0, *a[3:]),
+        lambda *a: flat_nce(*a),
+    ],
+)
+def test_variants_with_gathered_negatives_equal_the_single_process_form(loss):
+    """Two processes holding halves of the batch: the mean of their losses over the gathered rows is the global loss;
+    FlatNCE (value 1) is compared on its gradient."""
+    z1, z2 = (z.requires_grad_() for z in random_views(4, n=6))
+    local = [loss(z1[h], z2[h], 0.5, z1, z2, h.start) for h in (slice(0, 3), slice(3, 6))]
+    local_grad = torch.autograd.grad(sum(local) / 2, (z1, z2))
+    whole = loss(z1, z2, 0.5)
+    torch.testing.assert_close(sum(local) / 2, whole)
+    for actual, expected in zip(local_grad, torch.autograd.grad(whole, (z1, z2)), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_alignment_and_uniformity_are_wang_and_isola_eq_4_and_5():
+    z1, z2 = random_views(5)
+    u1, u2 = (F.normalize(z, dim=1).double().numpy() for z in (z1, z2))
+    n = u1.shape[0]
+    for alpha in (1, 2):
+        expected = sum(np.linalg.norm(u1[i] - u2[i]) ** alpha for i in range(n)) / n
+        assert alignment_loss(z1, z2, alpha).item() == pytest.approx(expected, rel=1e-5)
+    for t in (1, 2):
+        kernel = [math.exp(-t * np.sum((u1[i] - u1[j]) ** 2)) for i in range(n) for j in range(i + 1, n)]
+        assert uniformity_loss(z1, t).item() == pytest.approx(math.log(sum(kernel) / len(kernel)), rel=1e-5)

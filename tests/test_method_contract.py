@@ -176,8 +176,13 @@ def test_to_timm_and_exports_work_or_refuse_in_one_sentence(method_name, tmp_pat
     timm_model = sslhub.to_timm(encoder)
     rebuilt = timm.create_model(config.backbone, num_classes=0, global_pool="", **config.backbone_kwargs)
     rebuilt.load_state_dict(timm_model.state_dict())
-    export_timm(encoder, tmp_path / "timm")
-    assert (tmp_path / "timm" / "model.safetensors").is_file()
+    if encoder.encoder.exports_to_timm:
+        export_timm(encoder, tmp_path / "timm")
+        assert (tmp_path / "timm" / "model.safetensors").is_file()
+    else:  # an encoder that computes more than its timm backbone (patch grids, extra layers) refuses plainly
+        with pytest.raises(ValueError, match="no timm export") as refusal:
+            export_timm(encoder, tmp_path / "timm")
+        assert "\n" not in str(refusal.value) and not (tmp_path / "timm").exists()
     for model, name in ((encoder, "encoder"), (tiny(method_name), "pretraining")):
         try:
             export_transformers(model, tmp_path / name)

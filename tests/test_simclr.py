@@ -497,3 +497,21 @@ def test_releases_are_registered_as_pytorch_conversions_of_the_tf_checkpoints():
         tag = get_pretrained(f"{preset}.in1k")
         assert tag.converted_file == f"{name}.pth" and tag.metrics["linear"] == linear and tag.epochs == 800
         assert "Separius/SimCLRv2-Pytorch" in tag.conversion and tag.overrides["tf_padding"] == "max_pool"
+
+
+# ---- other objectives (``loss``) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", simclr.LOSSES)
+def test_each_loss_choice_trains_with_finite_loss_and_backbone_gradients(loss):
+    method = build("simclr_v1_resnet18_32px", loss=loss, **TINY).method.train()
+    out = method(Batch.of(two_views())).loss
+    assert torch.isfinite(out)
+    out.backward()
+    grads = [p.grad for p in method.encoder.backbone.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_an_unknown_loss_choice_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="loss 'infonce'.*nt_xent.*alignment_uniformity"):
+        build("simclr_v1_resnet18_32px", loss="infonce", **TINY)

@@ -10,8 +10,11 @@ A method is an ``SSLMethod`` subclass registered with ``@register_method("id")``
   ``eval_transform(config)`` (the evaluation pre-processing of its encoder);
 - its objective: ``forward(batch) -> MethodOutput``; per-step schedules (``on_step_start``), gradient edits
   (``on_before_optimizer_step``), momentum pairs that the trainer updates once per optimizer step
-  (``momentum_pairs`` / ``momentum_at``), buffers that stay per process (``per_process_buffers``), frozen auxiliary
+  (``momentum_pairs`` / ``momentum_at``), buffers that stay per process (``per_process_buffers``), buffers the
+  method itself keeps identical on every process (``replicated_buffers``, e.g. a memory bank), frozen auxiliary
   networks (``auxiliary_networks`` / ``load_auxiliary_weights``);
+- its dataset-size hook: ``bind_dataset(num_samples)``, which the trainer calls with the training set's size before
+  training (a memory bank of one row per image allocates itself there);
 - its declarations: ``checkpoint_layouts`` (the authors' files), ``linear_recipe``, ``export_targets``, a tiny
   configuration for the contract tests (``tiny_preset`` / ``tiny_overrides``), and its presets and releases
   (``register_preset`` / ``register_pretrained`` in its module).
@@ -161,6 +164,9 @@ class SSLMethod(nn.Module):
     checkpoint_layouts: ClassVar[tuple[CheckpointLayout, ...]] = ()
     export_targets: ClassVar[ExportTargets] = ExportTargets()
     per_process_buffers: ClassVar[tuple[str, ...]] = ()
+    # Buffers the method keeps equal on every process itself (it applies the same update everywhere): DDP must not
+    # broadcast rank 0's copy over them every step; unlike per_process_buffers they are saved once, in the model.
+    replicated_buffers: ClassVar[tuple[str, ...]] = ()
     tiny_preset: ClassVar[str] = ""
     tiny_overrides: ClassVar[dict[str, Any]] = {}
 
@@ -241,6 +247,10 @@ class SSLMethod(nn.Module):
 
     def forward(self, batch: Batch) -> MethodOutput:
         raise NotImplementedError
+
+    def bind_dataset(self, num_samples: int) -> None:
+        """Called by the trainer with the number of training images, after the dataset is loaded and before the
+        model is wrapped for distributed training or a checkpoint is resumed (default: nothing)."""
 
     # ---- networks updated outside the optimizer ------------------------------------------------------------------
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -47,13 +47,21 @@ from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry
 from sslhub.conversion.loading import CheckpointError
 from sslhub.distributed import gather_with_grad, rank
 from sslhub.heads import MLPHead
-from sslhub.losses import nt_xent
+from sslhub.losses import (
+    alignment_loss,
+    debiased_nt_xent,
+    flat_nce,
+    hard_negative_nt_xent,
+    nt_xent,
+    uniformity_loss,
+)
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 from sslhub.transforms import BICUBIC, MultiView, blur, color_distortion, crop, flip, grayscale, view
 
 BRIGHTNESS = ("additive", "multiplicative")
+LOSSES = ("nt_xent", "debiased", "hard_negative", "flat_nce", "alignment_uniformity")
 
 
 @dataclass
@@ -62,7 +70,13 @@ class SimCLRHparams(MethodHparams):
     256 images (linear scaling, 4.8 at batch 4096), weight decay 1e-6, 10 warm-up epochs then cosine, 100 epochs,
     τ = 0.1, colour distortion of strength 1 with blur, global BatchNorm (``--global_bn``), the 2-layer projection
     head ``nl_0`` / ``nl_1`` to 128-d. The paper's square-root alternative, 0.075·√bs, is ``lr=0.075,
-    lr_batch_size=1, lr_scaling="sqrt"``."""
+    lr_batch_size=1, lr_scaling="sqrt"``.
+
+    ``loss`` other than ``"nt_xent"`` is SimCLR-style training with another objective, not SimCLR's recipe:
+    ``"debiased"`` (DCL, arXiv 2007.00224 eq. 6, ``tau_plus``), ``"hard_negative"`` (HCL, arXiv 2010.04592,
+    ``tau_plus`` and ``beta``), ``"flat_nce"`` (arXiv 2107.01152) over the same gathered negatives, and
+    ``"alignment_uniformity"`` (arXiv 2005.10242: alignment + the mean uniformity of the two views, on this process's
+    batch only); see ``sslhub.losses``. Hyperparameters tuned for NT-Xent are kept."""
 
     optimizer: str = "lars"
     lr: float = 0.3
@@ -82,9 +96,14 @@ class SimCLRHparams(MethodHparams):
                                          "'multiplicative' (v2, x · U[1 - 0.8s, 1 + 0.8s])")  # fmt: skip
     blur: bool = hparam(True, "Gaussian blur with probability 0.5 (--use_blur)")
     tf_padding: str | None = hparam(None, "'max_pool': the stem max-pool pads as TF 'SAME' (the released TF ResNets)")
+    loss: str = hparam("nt_xent", f"objective, one of {LOSSES} (not SimCLR's recipe unless 'nt_xent')")
+    tau_plus: float = hparam(0.1, "class prior τ+ of the debiased / hard-negative losses (DCL's default)")
+    beta: float = hparam(1.0, "hardness β of the hard-negative loss (HCL's default)")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r}: expected one of {LOSSES}")
         if self.brightness not in BRIGHTNESS:
             raise ValueError(f"brightness {self.brightness!r}: expected one of {BRIGHTNESS}")
         if self.tf_padding is not None and self.tf_padding not in TF_PADDINGS:
@@ -273,9 +292,21 @@ class SimCLR(SSLMethod):
         if len(views) != 2:
             raise ValueError(f"SimCLR takes 2 views, got {len(views)}")
         z1, z2 = self.project(torch.cat(list(views))).chunk(2)
-        offset = rank() * z1.shape[0]
-        loss = nt_xent(z1, z2, self.hparams.temperature, gather_with_grad(z1), gather_with_grad(z2), offset)
-        return MethodOutput(2 * loss)
+        return MethodOutput(2 * self.objective(z1, z2))
+
+    def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The ``loss`` hyperparameter's objective of this process's projections, with negatives from every process."""
+        hp = self.hparams
+        if hp.loss == "alignment_uniformity":
+            return alignment_loss(z1, z2) + (uniformity_loss(z1) + uniformity_loss(z2)) / 2
+        gathered = (gather_with_grad(z1), gather_with_grad(z2), rank() * z1.shape[0])
+        if hp.loss == "debiased":
+            return debiased_nt_xent(z1, z2, hp.temperature, hp.tau_plus, *gathered)
+        if hp.loss == "hard_negative":
+            return hard_negative_nt_xent(z1, z2, hp.temperature, hp.tau_plus, hp.beta, *gathered)
+        if hp.loss == "flat_nce":
+            return flat_nce(z1, z2, hp.temperature, *gathered)
+        return nt_xent(z1, z2, hp.temperature, *gathered)
 
 
 # ---- SimCLR v1 release: tonylins/simclr-converter --------------------------------------------------------------------
