@@ -19,6 +19,8 @@ from sslhub.batch import Batch, Sample, collate_samples
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 BILINEAR = v2.InterpolationMode.BILINEAR
+# CIFAR-10's channel statistics as the CIFAR recipes of InstDisc (cifar.py) and InvaSpread (demo_seen.py) normalise
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 @dataclass

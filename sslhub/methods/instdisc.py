@@ -24,10 +24,9 @@ from sslhub.memory_bank import initial_bank, momentum_update, noise_indices
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, register_method, register_preset
-from sslhub.transforms import MultiView, color_jitter, crop, flip, grayscale, view
+from sslhub.transforms import CIFAR10_MEAN, CIFAR10_STD, MultiView, color_jitter, crop, flip, grayscale, view
 
 OBJECTIVES = ("nce", "softmax")
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # cifar.py's Normalize
 
 
 @dataclass
@@ -173,8 +172,8 @@ register_preset(
         "instdisc",
         "resnet18",
         image_size=32,
-        image_mean=CIFAR_MEAN,
-        image_std=CIFAR_STD,
+        image_mean=CIFAR10_MEAN,
+        image_std=CIFAR10_STD,
         method_kwargs={
             "lr": 0.1,
             "lr_batch_size": 128,

@@ -39,10 +39,7 @@ from sslhub.losses import invariance_spreading
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, register_method, register_preset
-from sslhub.transforms import MultiView, color_jitter, crop, flip, grayscale, view
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # demo_seen.py transforms.Normalize
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
+from sslhub.transforms import CIFAR10_MEAN, CIFAR10_STD, MultiView, color_jitter, crop, flip, grayscale, view
 
 
 @dataclass
@@ -153,8 +150,8 @@ register_preset(
         "invaspread",
         "resnet18",
         image_size=32,
-        image_mean=CIFAR_MEAN,
-        image_std=CIFAR_STD,
+        image_mean=CIFAR10_MEAN,
+        image_std=CIFAR10_STD,
         description="InvaSpread, ResNet-18 for 32 px images: demo_seen.py's CIFAR-10 recipe (batch 128, SGD lr 0.03, "
         "wd 5e-4, lr x 0.1 at epoch 120, 301 epochs, τ 0.1, 128-d)",
     )
