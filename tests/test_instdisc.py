@@ -1,15 +1,26 @@
 """InstDisc (arXiv 1805.01978): NCE loss, full softmax, the memory bank update, the dataset-size seam, exact resume."""
 
+import copy
 import math
+import os
+import pickle
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
 
 import sslhub
 from sslhub.batch import Batch
+from sslhub.conversion.convert import convert_checkpoint, read_checkpoint
+from sslhub.conversion.layouts import detect_layout, get_layout
+from sslhub.conversion.loading import CheckpointError, StandIn, load_file_state
 from sslhub.losses import nce_loss
 from sslhub.memory_bank import momentum_update, noise_indices
+from sslhub.registry import get_pretrained
 from sslhub.training import PretrainArguments, pretrain
 
 TINY = {"dim": 16, "nce_k": 8, "num_samples": 20}
@@ -155,3 +166,128 @@ def test_two_processes_hold_the_same_bank_and_noise_as_one_process_on_the_global
     mp.spawn(_bank_worker, args=(2, port, bank, features, index, out), nprocs=2)
     assert torch.equal(out["bank0"], single) and torch.equal(out["bank1"], single)
     assert torch.equal(torch.cat([out["noise0"], out["noise1"]]), single_noise)
+
+
+# The authors' released model (lemniscate.pytorch models/resnet.py: a torchvision ResNet whose fc is the 128-d
+# embedding, then L2-normalised), saved as main.py's save_checkpoint does with a pickled NCEAverage module object.
+def authors_model(arch: str, low_dim: int = 128) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)()
+    model.fc = nn.Linear(model.fc.in_features, low_dim)
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model.eval()
+
+
+def save_lemniscate_file(path, model, arch: str, legacy: bool = True, bank_rows: int = 6) -> torch.Tensor:
+    """``main.py`` save_checkpoint; ``lemniscate`` is an object of a class of the authors' ``lib`` package, which is
+    importable only while saving (as on the authors' machine)."""
+    lib, nce = types.ModuleType("lib"), types.ModuleType("lib.NCEAverage")
+
+    class NCEAverage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("params", torch.tensor([4096, 0.07, 123.0, 0.5]))
+            self.register_buffer("memory", F.normalize(torch.randn(bank_rows, 128), dim=1))
+
+    NCEAverage.__module__, NCEAverage.__qualname__ = "lib.NCEAverage", "NCEAverage"
+    nce.NCEAverage, lib.NCEAverage = NCEAverage, nce
+    sys.modules.update({"lib": lib, "lib.NCEAverage": nce})
+    try:
+        lemniscate = NCEAverage()
+        container = {
+            "epoch": 200,
+            "arch": arch,
+            "state_dict": {f"module.{key}": value for key, value in model.state_dict().items()},
+            "lemniscate": lemniscate,
+            "best_prec1": 46.8,
+            "optimizer": torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9).state_dict(),
+        }
+        torch.save(container, path, _use_new_zipfile_serialization=not legacy)
+    finally:
+        del sys.modules["lib"], sys.modules["lib.NCEAverage"]
+    return lemniscate.memory
+
+
+def authors_features(model, images):
+    backbone = copy.deepcopy(model)
+    backbone.fc = nn.Identity()
+    with torch.no_grad():
+        return backbone(images), F.normalize(model(images), dim=1)
+
+
+def relative_error(actual, expected):
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
+def test_authors_file_loads_with_stand_ins_and_converts(tmp_path, legacy):
+    model = authors_model("resnet18")
+    path = tmp_path / "lemniscate_resnet18.pth.tar"
+    memory = save_lemniscate_file(path, model, "resnet18", legacy=legacy)
+    assert "lib" not in sys.modules
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    container = load_file_state(path)
+    stand_in = container["lemniscate"]
+    assert isinstance(stand_in, StandIn) and stand_in.stands_for == "lib.NCEAverage.NCEAverage"
+    assert torch.equal(stand_in._buffers["memory"], memory) and "lib" not in sys.modules
+    assert detect_layout(container) is get_layout("instdisc")
+    converted = read_checkpoint(path)
+    assert converted.method_overrides == {
+        "dim": 128, "objective": "nce", "nce_k": 4096, "temperature": pytest.approx(0.07), "bank_momentum": 0.5
+    }  # fmt: skip
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    pooled, embedding = authors_features(model, images)
+    with torch.no_grad():
+        assert relative_error(convert_checkpoint("instdisc_resnet18", path)(images).pooler_output, pooled) < 1e-4
+        method = convert_checkpoint("instdisc_resnet18", path, task="pretraining").method
+        assert relative_error(method.embed(images), embedding) < 1e-4
+    assert method.memory.shape == (0, 128) and method.hparams.num_samples == 0 and float(method.nce_z) < 0
+
+
+def test_released_tag_builds_resnet50_from_the_authors_file(tmp_path):
+    tag = get_pretrained("instdisc_resnet50.in1k")
+    assert (tag.layout, tag.metrics, tag.file_name) == ("instdisc", {"knn": 46.8}, "lemniscate_resnet50.pth")
+    model = authors_model("resnet50")
+    path = tmp_path / tag.file_name
+    save_lemniscate_file(path, model, "resnet50")
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    pooled, _ = authors_features(model, images)
+    released = sslhub.create_model("instdisc_resnet50.in1k", pretrained=True, pretrained_path=path)
+    with torch.no_grad():
+        features = released(images).pooler_output
+    assert features.shape == (1, 2048) and relative_error(features, pooled) < 1e-4
+
+
+class Pwned:
+    def __init__(self, call, argument):
+        self.call, self.argument = call, argument
+
+    def __reduce__(self):
+        return self.call, (self.argument,)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
+@pytest.mark.parametrize("call", [os.system, eval], ids=["os.system", "builtins.eval"])
+def test_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path, call, legacy):
+    marker = tmp_path / "pwned"
+    argument = f"touch {marker}" if call is os.system else f"open({str(marker)!r}, 'w')"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "x": Pwned(call, argument)}, path,
+               _use_new_zipfile_serialization=not legacy)  # fmt: skip
+    with pytest.raises(CheckpointError, match="refused to load: the pickle calls code") as error:
+        load_file_state(path)
+    assert str(path) in str(error.value) and ("system" in str(error.value) or "builtins.eval" in str(error.value))
+    assert not marker.exists()
+
+
+def test_plain_state_dict_still_loads_with_weights_only(tmp_path):
+    state = authors_model("resnet18").state_dict()
+    path = tmp_path / "plain.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    loaded = load_file_state(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

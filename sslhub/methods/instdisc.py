@@ -7,6 +7,8 @@ Wu, Xiong, Yu & Lin, "Unsupervised Feature Learning via Non-Parametric Instance 
 Deviations from the official code: the noise indices come from a generator seeded by the training step (so every
 process and a resumed run draw the same ones) instead of the global CUDA RNG; under several processes the
 normalisation constant Z is the mean over the processes' first batches (the official code runs one process).
+Conversion of the authors' release (``convert_lemniscate``): the memory bank stored in the file is not converted
+(``task="pretraining"`` starts with an empty bank sized for its own training set and re-estimates Z).
 """
 
 from __future__ import annotations
@@ -18,13 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslhub.batch import Batch
+from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries
+from sslhub.conversion.loading import CheckpointError
 from sslhub.distributed import mean_over_processes
 from sslhub.losses import nce_loss
 from sslhub.memory_bank import initial_bank, momentum_update, noise_indices
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
-from sslhub.registry import Preset, register_method, register_preset
-from sslhub.transforms import CIFAR10_MEAN, CIFAR10_STD, MultiView, color_jitter, crop, flip, grayscale, view
+from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
+from sslhub.transforms import (
+    BILINEAR,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MultiView,
+    color_jitter,
+    crop,
+    eval_transform,
+    flip,
+    grayscale,
+    view,
+)
 
 OBJECTIVES = ("nce", "softmax")
 
@@ -59,6 +74,49 @@ class InstDiscHparams(MethodHparams):
             raise ValueError(f"num_samples {self.num_samples} must be >= 0 and nce_k {self.nce_k} >= 1")
 
 
+def convert_lemniscate(container, source: str) -> Converted:
+    """zhirongw/lemniscate.pytorch ``main.py``'s ``save_checkpoint``: ``{'epoch', 'arch', 'state_dict', 'lemniscate',
+    'best_prec1', 'optimizer'}``; ``state_dict`` of DataParallel(``models/resnet.py``): ``module.`` + torchvision
+    ResNet names (the names of timm's ResNet) with ``fc`` = Linear(feat, low_dim), the embedding head (``head``
+    here). ``lemniscate`` is the pickled ``NCEAverage`` module (read as an inert stand-in): its ``params`` buffer
+    [K, τ, Z, momentum] gives the NCE hyperparameters. Its ``memory`` buffer (one row per ImageNet training image,
+    in the order of the authors' ``ImageFolderInstance``) is not converted: ``task="pretraining"`` gets the fc head
+    and an empty bank (``num_samples=0``) that the trainer sizes for its own training set, and Z is re-estimated."""
+    reader = KeyReader(entry(container, "state_dict", source), source)
+    state = reader.take("module.") or reader.take("")
+    reader.finish()
+    head = {key[len("fc.") :]: value for key, value in state.items() if key.startswith("fc.")}
+    backbone = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    if "weight" not in head or head["weight"].ndim != 2:
+        raise CheckpointError(f"{source}: no 2-d 'module.fc.weight' (the embedding head): not a lemniscate checkpoint")
+    dim = head["weight"].shape[0]
+    overrides = {"dim": dim, "objective": "nce"}
+    params = getattr(container.get("lemniscate"), "_buffers", {}).get("params")
+    if params is not None:
+        if params.numel() != 4:
+            raise CheckpointError(f"{source}: lemniscate.params has {params.numel()} values, expected [K, T, Z, m]")
+        k, temperature, _, momentum = params.tolist()
+        overrides |= {"nce_k": int(k), "temperature": temperature, "bank_momentum": momentum}
+    method = {f"head.{key}": value for key, value in head.items()}
+    method |= {"memory": initial_bank(0, dim), "nce_z": torch.tensor(-1.0), "nce_step": torch.tensor(0)}
+    left_out = leftover_entries(container, {"state_dict", "lemniscate"})
+    left_out.append("lemniscate (memory bank not converted; params read as hyperparameters)")
+    return Converted("instdisc", backbone, method, {"encoder.backbone.": backbone}, overrides, sorted(left_out))
+
+
+def _is_lemniscate(container) -> bool:
+    state = container.get("state_dict") if isinstance(container, dict) else None
+    if not isinstance(state, dict):
+        return False
+    fc = state.get("module.fc.weight")
+    if not torch.is_tensor(fc) or fc.ndim != 2 or any(key.startswith("module.encoder") for key in state):
+        return False
+    return "lemniscate" in container or ("arch" in container and fc.shape[0] == 128)
+
+
+LEMNISCATE_LAYOUT = CheckpointLayout("instdisc", _is_lemniscate, convert_lemniscate)
+
+
 @register_method("instdisc")
 class InstDisc(SSLMethod):
     """f = normalise(fc(backbone(x))), one view per image (``main.py``'s single ``transform``). With the memory bank
@@ -85,6 +143,7 @@ class InstDisc(SSLMethod):
     # lemniscate.pytorch ships no linear-evaluation script (the paper trains linear classifiers on conv features).
     linear_recipe = LinearRecipe("sslhub linear protocol (lemniscate.pytorch has no linear script)", 0.1, 100, 256)
     replicated_buffers = ("memory", "nce_z", "nce_step")
+    checkpoint_layouts = (LEMNISCATE_LAYOUT,)
     tiny_preset = "instdisc_resnet18_32px"
     tiny_overrides = {"dim": 16, "nce_k": 8, "num_samples": 64}
 
@@ -114,6 +173,12 @@ class InstDisc(SSLMethod):
             self.config.method_kwargs["num_samples"] = num_samples
             self.hparams = self.Hparams(**self.config.method_kwargs)
             self.memory = initial_bank(num_samples, self.hparams.dim).to(self.memory.device)
+
+    @classmethod
+    def eval_transform(cls, config):
+        """``main.py``'s validation pre-processing: bilinear resize of the short side to 256, centre crop 224,
+        ImageNet normalisation (images of 64 px or less are not cropped, as sslhub's default)."""
+        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """``main.py``'s transform: random resized crop (scale 0.2-1), grayscale p = 0.2, colour jitter 0.4 (also
@@ -184,5 +249,25 @@ register_preset(
         },
         description="InstDisc, ResNet-18 for 32 px images: cifar.py (NCE K 4096, τ 0.1, lr 0.1 per 128, wd 5e-4, "
         "constant lr, 200 epochs, no flip)",
+    )
+)
+
+# zhirongw/lemniscate.pytorch README ("Oldies": ResNet-50 with 4096 negatives and the NCE loss; the tarball holds the
+# weights and the memory bank): top-1 nearest-neighbour accuracy on ImageNet val with the 128-d normalised embedding
+# (``embed``, not ``pooler_output``). No linear number is stated for this file (the paper's linear results are on
+# conv features of its own runs; the README's 58.5 % linear belongs to the "updated" softmax-CE model).
+register_pretrained(
+    PretrainedTag(
+        "instdisc_resnet50",
+        "in1k",
+        url="https://frontiers.blob.core.windows.net/pretraining/checkpoints/pil_pretrained_models/lemniscate/"
+        "lemniscate_resnet50.pth",
+        layout="instdisc",
+        license="unknown",
+        epochs=None,
+        metrics={"knn": 46.8},
+        source="zhirongw/lemniscate.pytorch README, Pretrained Model (Oldies, ResNet 50); knn = top-1 nearest "
+        "neighbour of the 128-d L2-normalised embedding (the method's embed), pooler_output is the 2048-d pooled "
+        "backbone; the repository has no licence file",
     )
 )
