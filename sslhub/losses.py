@@ -58,19 +58,8 @@ def nt_xent(
     local anchors are contrasted with the global batch, and the mean over processes of the results is the loss of
     the global batch.
     """
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    all_z1 = z1 if all_z1 is None else F.normalize(all_z1, dim=1)
-    all_z2 = z2 if all_z2 is None else F.normalize(all_z2, dim=1)
-    batch, total = z1.shape[0], all_z1.shape[0]
-    positives = torch.arange(batch, device=z1.device) + offset
-    self_mask = F.one_hot(positives, total).bool()
-    losses = []
-    for anchors, same_view, other_view in ((z1, all_z1, all_z2), (z2, all_z2, all_z1)):
-        # [other view (the positive at `offset + i`), same view without the anchor itself]
-        same = (anchors @ same_view.t() / temperature).masked_fill(self_mask, float("-inf"))
-        logits = torch.cat([anchors @ other_view.t() / temperature, same], dim=1)
-        losses.append(F.cross_entropy(logits, positives))
-    return (losses[0] + losses[1]) / 2
+    positive, negatives = _pair_logits(z1, z2, temperature, all_z1, all_z2, offset)
+    return (torch.logsumexp(torch.cat([positive[:, None], negatives], dim=1), dim=1) - positive).mean()
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
