@@ -75,7 +75,8 @@ def tf_padded(net: torch.nn.Module, tf_padding: str) -> torch.nn.Module:
 def independent_features(tag: PretrainedTag, path: Path, images: torch.Tensor) -> torch.Tensor | None:
     """Features of the authors' encoder from outside sslhub: timm's loader (ViT / XCiT files of the released
     architecture) or torchvision's ResNet (padding as the authors' TensorFlow / JAX model where the release says
-    so); ``None`` for layouts neither reads directly."""
+    so); ``None`` for layouts neither reads directly (an encoder that is not one of these models: CMC's pair of
+    ResNets, verified against the authors' model in ``tests/test_cmc.py``)."""
     config = release_config(tag)
     converted = read_checkpoint(path)
     if config.backbone.startswith(("vit_", "xcit_")):
@@ -86,6 +87,8 @@ def independent_features(tag: PretrainedTag, path: Path, images: torch.Tensor) -
     if config.backbone in TORCHVISION_RESNETS:
         net = getattr(torchvision.models, config.backbone)()
         net.fc = torch.nn.Identity()
+        if net.state_dict().keys() != converted.backbone.keys():  # not one ResNet (CMC's two branches)
+            return None
         net.load_state_dict(converted.backbone)
         tf_padding = config.method_kwargs.get("tf_padding")
         return (tf_padded(net, tf_padding) if tf_padding else net).eval()(images)

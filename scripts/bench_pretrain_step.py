@@ -1,6 +1,7 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
-For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV) the script
+For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, InstDisc,
+InvaSpread, CMC; lightly has no step for the last three) the script
 reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
 after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
 image of the preset's size.
@@ -179,9 +180,13 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
     model = options.place(model)
     method = model.method
 
+    method.bind_dataset(BANK_ROWS)  # memory banks (InstDisc, CMC) get one row per image; a no-op for the others
+
     def forward(views, progress):
         method.on_step_start(progress)
-        return model(views).loss
+        size = views[0].shape[0]
+        index = (torch.arange(size) + progress.step * size) % BANK_ROWS  # the sample indices of the batch contract
+        return model(views, index=index.to(views[0].device)).loss
 
     def after_optimizer_step(progress):
         pairs = method.momentum_pairs()
@@ -313,12 +318,12 @@ def lightly_swav_step(model: SSLForPreTraining, lr: float, options: Options) -> 
 class Bench:
     """How one method is measured: its preset (name, overrides, default batch size) for ``--size small`` (32 px)
     and ``base`` (224 px), ``bound_views(views) -> (views with gradient, views only the momentum / teacher encoder
-    sees)`` for the bare bound, and its step built from lightly's modules."""
+    sees)`` for the bare bound, and its step built from lightly's modules (``None``: lightly has no such method)."""
 
     small: tuple[str, dict, int]
     base: tuple[str, dict, int]
     bound_views: Callable[[Views], tuple[Views, Views]]
-    lightly: Callable[[SSLForPreTraining, float, Options], Step]
+    lightly: Callable[[SSLForPreTraining, float, Options], Step] | None
 
 
 def all_views(views: Views) -> tuple[Views, Views]:
@@ -361,7 +366,13 @@ METHODS: dict[str, Bench] = {
         lightly_barlow_twins_step,
     ),
     "swav": Bench(("swav_resnet18_32px", {}, 128), ("swav_resnet50", {}, 32), all_views, lightly_swav_step),
+    # lightly has no InstDisc, InvaSpread or CMC: sslhub against the bound only
+    "instdisc": Bench(("instdisc_resnet18_32px", {}, 128), ("instdisc_resnet50", {}, 64), all_views, None),
+    "invaspread": Bench(("invaspread_resnet18_32px", {}, 128), ("invaspread_resnet50", {}, 64), all_views, None),
+    "cmc": Bench(("cmc_resnet18_32px", {}, 128), ("cmc_resnet50v1", {}, 64), all_views, None),
 }
+# Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).
+BANK_ROWS = 50_000
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
@@ -379,7 +390,7 @@ def bench_method(method: str, ns: argparse.Namespace, options: Options) -> dict:
         "views": describe_views(views),
     }
     builders = {"sslhub": sslhub_step, "bound": bound_step, "lightly": bench.lightly}
-    steps = {name: build(model, lr, options) for name, build in builders.items()}
+    steps = {name: build(model, lr, options) for name, build in builders.items() if build is not None}
     row.update(median_seconds(steps, views, options, ns.warmup, ns.repeats))
     del model, steps
     gc.collect()
@@ -407,9 +418,10 @@ def markdown_table(rows: list[dict]) -> str:
     )
     lines = [header, "|" + " --- |" * 9]
     for r in rows:
+        lightly_cells = f"{r['lightly']:.3f} | {r['sslhub'] / r['lightly']:.2f}" if "lightly" in r else "— | —"
         lines.append(
             f"| {r['method']} | {r['config']} | {r['batch']} | {r['views']} | {r['sslhub']:.3f} | {r['bound']:.3f} "
-            f"| {r['sslhub'] / r['bound']:.2f} | {r['lightly']:.3f} | {r['sslhub'] / r['lightly']:.2f} |"
+            f"| {r['sslhub'] / r['bound']:.2f} | {lightly_cells} |"
         )
     return "\n".join(lines)
 

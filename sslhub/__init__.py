@@ -3,7 +3,7 @@
 from sslhub import evaluation, methods  # noqa: F401  (importing the methods registers them)
 from sslhub.configuration import SSLConfig
 from sslhub.export import export_timm, export_transformers
-from sslhub.factory import create_model, from_pretrained, to_timm
+from sslhub.factory import create_model, create_transform, from_pretrained, to_timm
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
 from sslhub.registry import list_methods, list_models, list_pretrained
 
@@ -16,6 +16,7 @@ __all__ = [
     "SSLModel",
     "SSLPreTrainedModel",
     "create_model",
+    "create_transform",
     "evaluation",
     "export_timm",
     "export_transformers",

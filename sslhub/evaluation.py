@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, dataset_fingerprint, labelled_splits
-from sslhub.factory import create_model, from_pretrained
+from sslhub.factory import create_model, create_transform, from_pretrained
 from sslhub.files import cache_root, write_atomically
 from sslhub.hub.cards import describe_data
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining
@@ -142,10 +143,9 @@ def cached_features(
 def _model_transform(model: nn.Module, transform: Callable | None) -> Callable:
     if transform is not None:
         return transform
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "image_size"):
+    if not isinstance(getattr(model, "config", None), SSLConfig):
         raise ValueError(f"{type(model).__name__} has no sslhub config to take the preprocessing from; pass transform")
-    return get_method(config.method).eval_transform(config)
+    return create_transform(model)
 
 
 def _datasets(data, options: FeatureOptions) -> tuple[ImageDataset, ImageDataset, str | None]:

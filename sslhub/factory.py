@@ -17,7 +17,7 @@ from sslhub.modeling import (
     SSLPreTrainedModel,
     model_class,
 )
-from sslhub.registry import get_pretrained
+from sslhub.registry import get_method, get_pretrained
 
 
 def create_model(
@@ -66,6 +66,17 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str | None = None, **
     else:
         cls = model_class(task)
     return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+
+
+def create_transform(model: nn.Module):
+    """The evaluation pre-processing of an sslhub model (``SSLModel``, ``SSLForImageClassification``,
+    ``SSLForPreTraining``): RGB PIL image -> the tensor its encoder takes, as the model's method declares it
+    (resize, centre crop, normalisation; CMC: conversion to normalised L*a*b*). The counterpart of timm's
+    ``create_transform(**resolve_data_config(model=model))``."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, SSLConfig):
+        raise TypeError(f"create_transform expects an sslhub model, got {type(model).__name__}")
+    return get_method(config.method).eval_transform(config)
 
 
 def to_timm(model: nn.Module) -> nn.Module:

@@ -23,10 +23,12 @@ import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment, posterize
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision import transforms
 from tqdm.auto import tqdm
 
 from sslhub.arguments import RunArguments, none_or_str, option, required_option
@@ -221,24 +223,25 @@ def _with_safe_posterize(transform):
 
 
 def train_transform(config: SSLConfig, args: FinetuneArguments) -> NumpySeeded:
-    """timm's training transform (MAE ``build_transform``): bicubic random resized crop, flip, RandAugment, random
-    erasing (per pixel); size, mean and std of the model's config."""
-    return NumpySeeded(
-        _with_safe_posterize(
-            create_transform(
-                config.image_size,
-                is_training=True,
-                auto_augment=args.auto_augment,
-                color_jitter=None,  # MAE: no colour jitter, also without RandAugment
-                interpolation="bicubic",
-                re_prob=args.reprob,
-                re_mode="pixel",
-                re_count=1,
-                mean=config.image_mean,
-                std=config.image_std,
-            )
-        )
+    """timm's training transform (MAE ``build_transform``): bicubic random resized crop, flip, RandAugment, then the
+    method's ``input_transform`` (normalisation with the model's mean and std, or CMC's Lab) and random erasing (per
+    pixel); size of the model's config."""
+    primary, secondary, final = create_transform(
+        config.image_size,
+        is_training=True,
+        auto_augment=args.auto_augment,
+        color_jitter=None,  # MAE: no colour jitter, also without RandAugment
+        interpolation="bicubic",
+        re_prob=args.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=config.image_mean,
+        std=config.image_std,
+        separate=True,
     )
+    erasing = [step for step in final.transforms if isinstance(step, RandomErasing)]
+    steps = [*primary.transforms, *secondary.transforms, *get_method(config.method).input_transform(config), *erasing]
+    return NumpySeeded(_with_safe_posterize(transforms.Compose(steps)))
 
 
 def _save_files(model: SSLForImageClassification, target: Path, recipe: dict) -> None:

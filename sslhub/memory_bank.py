@@ -11,6 +11,7 @@ of the global batch, so a run on P processes equals a run on one process with th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +49,21 @@ def noise_indices(
     draws = torch.randint(num_samples, (batch_size * world_size(), k), generator=generator)
     start = rank() * batch_size
     return draws[start : start + batch_size].to(device)
+
+
+def bind_banks(method, num_samples: int, banks: Sequence[str]) -> None:
+    """``SSLMethod.bind_dataset`` of a method with memory banks of one row per training image (InstDisc, CMC): with
+    the hparam ``num_samples`` 0 (a new run) the buffers named ``banks`` get ``num_samples`` rows of ``hparams.dim``
+    (``initial_bank``) and the hparam records the size, so a saved model rebuilds them; banks sized for another
+    dataset (a model pretrained elsewhere) are an error."""
+    current = method.hparams.num_samples
+    if current not in (0, num_samples):
+        raise ValueError(
+            f"the {method.name} memory bank has {current} rows but the training set has {num_samples} images: the "
+            "bank is one row per training image; start from a model with num_samples=0 (a new bank)"
+        )
+    if current == 0:
+        method.config.method_kwargs["num_samples"] = num_samples
+        method.hparams = method.Hparams(**method.config.method_kwargs)
+        for name in banks:
+            setattr(method, name, initial_bank(num_samples, method.hparams.dim).to(getattr(method, name).device))

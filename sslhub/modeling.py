@@ -50,6 +50,7 @@ class SSLPreTrainedModel(PreTrainedModel):
             num_parameters=self.num_parameters(),
             method_info=get_method(self.config.method).card_info(),
             architecture_note=self._released_encoder_module().architecture_note,
+            single_timm_model=self._released_encoder_module().timm_model is not None,
             training=training,
             results=results,
             **card_fields,

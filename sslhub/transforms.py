@@ -115,6 +115,48 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]
     ]
 
 
+# sRGB (D65) -> CIE XYZ and the D65 reference white, as scikit-image's ``rgb2lab`` (CMC's ``RGB2Lab`` calls it)
+_XYZ_FROM_RGB = torch.tensor(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE L*a*b* of sRGB values in [0, 1], channels first (..., 3, H, W): sRGB gamma undone (threshold 0.04045),
+    XYZ under D65, ``f(t) = t^(1/3)`` above (6/29)^3 and ``7.787 t + 16/116`` below; L in [0, 100], a and b about
+    [-86, 98] and [-108, 94] (scikit-image ``rgb2lab``, illuminant D65, 2° observer)."""
+    if rgb.ndim < 3 or rgb.shape[-3] != 3:
+        raise ValueError(f"rgb_to_lab expects (..., 3, H, W) RGB values, got shape {tuple(rgb.shape)}")
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = torch.einsum("ij,...jhw->...ihw", _XYZ_FROM_RGB.to(rgb), linear) / _D65_WHITE.to(rgb)[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+class RGBToLab:
+    """``rgb_to_lab`` as a pipeline step on a float RGB image tensor in [0, 1] (after ``v2.ToDtype(scale=True)``)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return rgb_to_lab(image.as_subclass(torch.Tensor))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def lab_input(mean: Sequence[float], std: Sequence[float]) -> list:
+    """An RGB image -> its normalised L*a*b* tensor (CMC ``train_CMC.py``: ``RGB2Lab``, ``ToTensor``, ``Normalize``
+    with the Lab statistics ``mean`` / ``std``); the Lab counterpart of ``normalize``."""
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        RGBToLab(),
+        v2.Normalize(mean=list(mean), std=list(std)),
+        v2.ToPureTensor(),
+    ]
+
+
 def view(*pieces: v2.Transform | Sequence[v2.Transform], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """One view: the ``pieces`` in order (a piece may be a list of transforms), then ``normalize``."""
     flat = [t for piece in pieces for t in (piece if isinstance(piece, list | tuple) else [piece])]
@@ -153,17 +195,19 @@ def eval_transform(
     std: Sequence[float],
     crop_pct: float | None = None,
     interpolation: v2.InterpolationMode = BICUBIC,
+    to_input: Sequence[Callable] | None = None,
 ) -> v2.Compose:
     """Evaluation as timm and DINO ``eval_linear.py``: bicubic resize of the short side to
     ``int(image_size / crop_pct)``, centre crop, normalise; one tensor. ``crop_pct`` defaults to 0.875
     (256 -> 224), and to 1.0 (no crop) for images of 64 px or less; ``interpolation=BILINEAR`` is torchvision's
-    ``Resize(256)`` default that the linear evaluations of SimSiam, Barlow Twins and SwAV use."""
+    ``Resize(256)`` default that the linear evaluations of SimSiam, Barlow Twins and SwAV use. ``to_input`` replaces
+    the final ``normalize(mean, std)`` for an encoder whose input is not normalised RGB (CMC's Lab: ``lab_input``)."""
     if crop_pct is None:
         crop_pct = 1.0 if image_size <= 64 else 0.875
     return v2.Compose(
         [
             v2.Resize(int(image_size / crop_pct), interpolation=interpolation),
             v2.CenterCrop(image_size),
-            *normalize(mean, std),
+            *(normalize(mean, std) if to_input is None else to_input),
         ]
     )

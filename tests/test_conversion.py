@@ -591,7 +591,8 @@ def test_model_cards_catalogue_lists_every_release_as_the_registry_renders_it(tm
         fresh = script.write_card(get_pretrained(name), org=None)
         assert (committed / fresh.name).read_text() == fresh.read_text(), f"model_cards/{fresh.name} is stale"
         card = ModelCard.load(fresh)
-        assert card.data.license == get_pretrained(name).license and card.data.eval_results
+        tag = get_pretrained(name)  # CMC's README publishes no accuracy per file: such a card states none
+        assert card.data.license == tag.license and bool(card.data.eval_results) == bool(tag.metrics)
     assert len(list(committed.glob("*.md"))) == len(sslhub.list_pretrained())
 
 

@@ -76,6 +76,7 @@ def render_model_card(
     pretrained_name: str | None = None,
     eval_data: str | None = None,
     architecture_note: str = "",
+    single_timm_model: bool = True,
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
@@ -88,7 +89,8 @@ def render_model_card(
     ``source``: where converted weights come from (the authors' release), shown under "Pretraining";
     ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads;
     ``eval_data``: the data ``results`` were measured on when it is not the training data (DINOv2: LVD-142M /
-    ImageNet); ``architecture_note``: what the encoder has beyond its timm backbone (``Encoder.architecture_note``).
+    ImageNet); ``architecture_note``: what the encoder has beyond its timm backbone (``Encoder.architecture_note``);
+    ``single_timm_model``: whether the encoder is one timm model (``sslhub.to_timm`` returns it), not CMC's two.
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
@@ -127,6 +129,7 @@ def render_model_card(
         citation=(method_info.get("citation") or "").strip(),
         released_encoder=method_info.get("released_encoder"),
         architecture_note=architecture_note,
+        single_timm_model=single_timm_model,
         data_name=data_name,
         eval_data_name=eval_name,
         source=source,

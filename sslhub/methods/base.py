@@ -6,8 +6,9 @@ A method is an ``SSLMethod`` subclass registered with ``@register_method("id")``
 - ``Hparams``: a ``MethodHparams`` dataclass with the paper's defaults, one ``hparam(default, help)`` per field;
 - its encoder: ``build_encoder(config)`` (default: a timm backbone + pooling, ``TimmEncoder``) and which of its modules
   is released (``released_encoder``); ``SSLModel`` holds exactly what ``build_encoder`` builds;
-- its data: ``view_recipe()`` (a ``ViewRecipe`` making the views and extras, and collating them into a ``Batch``) and
-  ``eval_transform(config)`` (the evaluation pre-processing of its encoder);
+- its data: ``view_recipe()`` (a ``ViewRecipe`` making the views and extras, and collating them into a ``Batch``),
+  ``eval_transform(config)`` (the evaluation pre-processing of its encoder) and ``input_transform(config)`` (the
+  final steps every pre-processing of its encoder's input ends with: normalised RGB, or CMC's Lab);
 - its objective: ``forward(batch) -> MethodOutput``; per-step schedules (``on_step_start``), gradient edits
   (``on_before_optimizer_step``), momentum pairs that the trainer updates once per optimizer step
   (``momentum_pairs`` / ``momentum_at``), buffers that stay per process (``per_process_buffers``), buffers the
@@ -36,7 +37,7 @@ from sslhub.backbones import Encoder, TimmEncoder
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout
 from sslhub.probes import LinearRecipe
-from sslhub.transforms import ViewRecipe, eval_transform
+from sslhub.transforms import ViewRecipe, eval_transform, normalize
 
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
@@ -229,10 +230,19 @@ class SSLMethod(nn.Module):
         return TimmEncoder(config.backbone, config.pooling or cls.default_pooling, **kwargs)
 
     @classmethod
+    def input_transform(cls, config: SSLConfig) -> list[Callable]:
+        """The steps that end every pre-processing of the released encoder's input (evaluation, fine-tuning): an RGB
+        image after its crops and colour changes -> the input tensor. Default: to a float tensor, normalised with the
+        config's mean and std; CMC: to normalised L*a*b* (``sslhub.transforms.lab_input``)."""
+        return normalize(config.image_mean, config.image_std)
+
+    @classmethod
     def eval_transform(cls, config: SSLConfig) -> Callable:
         """The evaluation pre-processing of the released encoder: RGB PIL image -> input tensor (default: resize,
-        centre crop and normalise with the config's size, mean and std)."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std)
+        centre crop, then ``input_transform``)."""
+        return eval_transform(
+            config.image_size, config.image_mean, config.image_std, to_input=cls.input_transform(config)
+        )
 
     @property
     def released_encoder(self) -> Encoder:

@@ -24,7 +24,7 @@ from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry
 from sslhub.conversion.loading import CheckpointError
 from sslhub.distributed import mean_over_processes
 from sslhub.losses import nce_loss
-from sslhub.memory_bank import initial_bank, momentum_update, noise_indices
+from sslhub.memory_bank import bind_banks, initial_bank, momentum_update, noise_indices
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
@@ -161,18 +161,8 @@ class InstDisc(SSLMethod):
         return self.encoder
 
     def bind_dataset(self, num_samples: int) -> None:
-        """Allocate the bank for ``num_samples`` images (recorded as the hparam ``num_samples``, so a saved model
-        rebuilds it). A bank of another size (a model pretrained on another dataset) is an error."""
-        current = self.hparams.num_samples
-        if current not in (0, num_samples):
-            raise ValueError(
-                f"the memory bank has {current} rows but the training set has {num_samples} images: InstDisc's "
-                "bank is one row per training image; start from a model with num_samples=0 (a new bank)"
-            )
-        if current == 0:
-            self.config.method_kwargs["num_samples"] = num_samples
-            self.hparams = self.Hparams(**self.config.method_kwargs)
-            self.memory = initial_bank(num_samples, self.hparams.dim).to(self.memory.device)
+        """Allocate the bank for ``num_samples`` images (``sslhub.memory_bank.bind_banks``)."""
+        bind_banks(self, num_samples, ["memory"])
 
     @classmethod
     def eval_transform(cls, config):
