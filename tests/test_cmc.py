@@ -357,3 +357,18 @@ def test_v2_and_v3_layouts_have_the_authors_names_and_shapes(version, width):
 def test_a_file_of_another_method_is_not_taken_for_cmc():
     assert not get_layout("cmc").detect({"model": {"encoder.module.conv1.weight": torch.zeros(1)}})
     assert not get_layout("cmc").detect({"state_dict": {}})
+
+
+def test_evaluation_and_fine_tuning_feed_the_encoder_normalised_lab():
+    """A uniform image survives crops, flips and resizing unchanged, so every pipeline must give its Lab colour."""
+    from sslhub.finetune import FinetuneArguments, train_transform
+
+    config = sslhub.create_model("cmc_resnet18_32px").config
+    image = Image.new("RGB", (48, 40), (200, 30, 90))
+    lab = color.rgb2lab(np.array([[[200, 30, 90]]], np.uint8))[0, 0]
+    expected = torch.tensor((lab - np.array(LAB_MEAN)) / np.array(LAB_STD), dtype=torch.float32)
+    finetune = train_transform(config, FinetuneArguments(model="x", data="builtin", auto_augment=None, reprob=0.0))
+    for pipeline in (sslhub.evaluation.get_method("cmc").eval_transform(config), finetune):
+        pixels = pipeline(image)
+        assert pixels.shape == (3, 32, 32)
+        assert torch.allclose(pixels, expected[:, None, None].expand(3, 32, 32), atol=1e-4)
