@@ -1,9 +1,9 @@
-"""CMC (arXiv 1906.05849): the Lab input, the two-bank NCE / softmax objective, banks over resume and two
-processes, the authors' releases against their model written out, RGB users getting the authors' features."""
+"""CMC (arXiv 1906.05849): the Lab input, the two-bank NCE / softmax objective, banks over resume (two processes:
+tests/test_memory_banks.py), the authors' releases against their model written out, RGB users getting the authors'
+features."""
 
 import argparse
 import colorsys
-import socket
 
 import numpy as np
 import pytest
@@ -143,44 +143,6 @@ def test_pretrainer_binds_both_banks_and_resume_restores_them_exactly(image_fold
     assert final_full.memory_l.shape == final_full.memory_ab.shape == (48, 16)
     for name in ("memory_l", "memory_ab", "nce_z", "nce_step"):
         assert torch.equal(getattr(final_full, name), getattr(final_resumed, name)), name
-
-
-def _two_process_worker(rank, world, port, state, out):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    method = tiny_cmc().method
-    method.load_state_dict(state)
-    frozen_batch_norm(method)
-    batch = lab_batch(8)
-    mine = slice(rank * 4, (rank + 1) * 4)
-    with torch.no_grad():
-        loss = method(Batch(views=[batch.views[0][mine]], index=batch.index[mine])).loss
-    out[rank] = {
-        "loss": loss,
-        **{k: v.clone() for k, v in method.state_dict().items() if k.startswith(("memory", "nce"))},
-    }
-    dist.destroy_process_group()
-
-
-def test_two_processes_hold_the_same_banks_as_one_process_on_the_global_batch():
-    """The whole CMC step on 2 gloo processes (4 images each) == 1 process on the 8 images: banks, Z, noise, loss."""
-    import torch.multiprocessing as mp
-
-    single = frozen_batch_norm(tiny_cmc().method)
-    state = {k: v.clone() for k, v in single.state_dict().items()}
-    with torch.no_grad():
-        loss = single(lab_batch(8)).loss
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_two_process_worker, args=(2, port, state, out), nprocs=2)
-    for rank in (0, 1):
-        for name in ("memory_l", "memory_ab", "nce_z", "nce_step"):
-            assert torch.allclose(out[rank][name], getattr(single, name), atol=1e-6), (rank, name)
-    assert torch.allclose((out[0]["loss"] + out[1]["loss"]) / 2, loss, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

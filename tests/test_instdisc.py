@@ -135,39 +135,6 @@ def test_pretrainer_binds_the_dataset_and_resume_restores_the_bank_exactly(image
         assert torch.equal(getattr(final_full, name), getattr(final_resumed, name)), name
 
 
-def _bank_worker(rank, world, port, bank, features, index, out):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    half = len(index) // world
-    mine = slice(rank * half, (rank + 1) * half)
-    bank = bank.clone()  # spawn hands the processes one shared-memory tensor; each process holds its own bank
-    momentum_update(bank, features[mine], index[mine], 0.5)
-    out[f"bank{rank}"] = bank
-    out[f"noise{rank}"] = noise_indices(bank.shape[0], half, 5, step=7, seed=3)
-    dist.destroy_process_group()
-
-
-def test_two_processes_hold_the_same_bank_and_noise_as_one_process_on_the_global_batch():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    torch.manual_seed(0)
-    bank, features = torch.randn(12, 4), F.normalize(torch.randn(6, 4), dim=1)
-    index = torch.tensor([0, 5, 9, 2, 11, 7])
-    single = bank.clone()
-    momentum_update(single, features, index, 0.5)
-    single_noise = noise_indices(12, 6, 5, step=7, seed=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_bank_worker, args=(2, port, bank, features, index, out), nprocs=2)
-    assert torch.equal(out["bank0"], single) and torch.equal(out["bank1"], single)
-    assert torch.equal(torch.cat([out["noise0"], out["noise1"]]), single_noise)
-
-
 # The authors' released model (lemniscate.pytorch models/resnet.py: a torchvision ResNet whose fc is the 128-d
 # embedding, then L2-normalised), saved as main.py's save_checkpoint does with a pickled NCEAverage module object.
 def authors_model(arch: str, low_dim: int = 128) -> nn.Module:
