@@ -1,7 +1,7 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
 For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, InstDisc,
-InvaSpread, CMC; lightly has no step for the last three) the script
+InvaSpread, CMC, CPC v2; lightly has no step for the last four) the script
 reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
 after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
 image of the preset's size.
@@ -157,10 +157,11 @@ def make_views(model: SSLForPreTraining, batch: int, options: Options, seed: int
 
 
 def describe_views(views: Views) -> str:
-    counts: dict[int, int] = {}
+    counts: dict[str, int] = {}
     for view in views:
-        counts[view.shape[-1]] = counts.get(view.shape[-1], 0) + 1
-    return " + ".join(f"{n}x{size}px" for size, n in counts.items())
+        grid = f"{view.shape[1]}x{view.shape[2]} grid of " if view.ndim == 6 else ""  # CPC's patch grids
+        counts[f"{grid}{view.shape[-1]}px"] = counts.get(f"{grid}{view.shape[-1]}px", 0) + 1
+    return " + ".join(f"{n}x{size}" for size, n in counts.items())
 
 
 def batched_by_size(views: Views) -> Views:
@@ -366,10 +367,12 @@ METHODS: dict[str, Bench] = {
         lightly_barlow_twins_step,
     ),
     "swav": Bench(("swav_resnet18_32px", {}, 128), ("swav_resnet50", {}, 32), all_views, lightly_swav_step),
-    # lightly has no InstDisc, InvaSpread or CMC: sslhub against the bound only
+    # lightly has no InstDisc, InvaSpread, CMC or CPC: sslhub against the bound only
     "instdisc": Bench(("instdisc_resnet18_32px", {}, 128), ("instdisc_resnet50", {}, 64), all_views, None),
     "invaspread": Bench(("invaspread_resnet18_32px", {}, 128), ("invaspread_resnet50", {}, 64), all_views, None),
     "cmc": Bench(("cmc_resnet18_32px", {}, 128), ("cmc_resnet50v1", {}, 64), all_views, None),
+    # CPC v2's view is one grid of patches (B, rows, cols, C, p, p): the bound is the patch encoder on it
+    "cpc_v2": Bench(("cpc_v2_resnet18_32px", {}, 128), ("cpc_v2_resnet50", {}, 16), all_views, None),
 }
 # Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).
 BANK_ROWS = 50_000

@@ -24,6 +24,15 @@ def build(preset, **overrides):
     return sslhub.create_model(preset, task="pretraining", **overrides)
 
 
+def pretrain_silently(model, output_dir, **arguments):
+    """``sslhub.training.pretrain`` of ``model`` into ``output_dir`` without logging, progress bars or intermediate
+    checkpoints; ``arguments``: the other ``PretrainArguments`` (epochs, batch_size, data, ...)."""
+    from sslhub.training import PretrainArguments, pretrain
+
+    arguments = {"log_with": None, "progress": False, "checkpoint_every": 10**6, **arguments}
+    return pretrain(PretrainArguments(model=model, output_dir=str(output_dir), **arguments))
+
+
 def params(module, prefixes):
     """Copies of ``module``'s parameters whose names start with ``prefixes``."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefixes)}

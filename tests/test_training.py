@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import pretrain_silently
 
 import sslhub
 from sslhub.arguments import dataclass_values
@@ -267,25 +268,26 @@ def test_builtin_demo_learns(tmp_path):
 
 
 # CMC contrasts the L and ab channels, and the grey digits have ab = 0: tests/test_cmc.py trains it on coloured digits.
+# CPC v2's patch encoder is a strong digit feature at random init: it has its own bar below.
+OWN_LEARNING_TEST = (DEFAULT_MODEL, "cmc_resnet18_32px", "cpc_v2_resnet18_32px")
+
+
 @pytest.mark.parametrize(
-    "preset",
-    [name for name in sslhub.list_models("*_resnet18_32px") if name not in (DEFAULT_MODEL, "cmc_resnet18_32px")],
+    "preset", [name for name in sslhub.list_models("*_resnet18_32px") if name not in OWN_LEARNING_TEST]
 )
 def test_every_resnet18_32px_preset_learns_on_the_builtin_digits(preset, tmp_path):
     """Each method's small-image preset, one epoch of 22 steps of 64 images on ``--data builtin``: kNN clearly above
     the same backbone at random initialisation (measured 2026-12-02: +0.40 (SimSiam) to +0.72 (SimCLR v2))."""
-    result = pretrain(
-        PretrainArguments(
-            model=preset,
-            output_dir=str(tmp_path),
-            epochs=1,
-            batch_size=64,
-            log_with=None,
-            progress=False,
-            checkpoint_every=10**6,
-        )  # fmt: skip
-    )
+    result = pretrain_silently(preset, tmp_path, epochs=1, batch_size=64)
     assert result.knn_final > result.knn_random_init + 0.2
+
+
+def test_cpc_v2_small_preset_learns_on_the_builtin_digits(tmp_path):
+    """Four epochs of ``cpc_v2_resnet18_32px`` on ``--data builtin``. The patch encoder at random init is already a
+    good digit feature (kNN 0.750: the mean of 3 x 3 local patch features), far above the other presets' 0.2 - 0.3,
+    so the bar is lower than theirs (measured 2026-12-03: 0.750 -> 0.858 after 4 epochs)."""
+    result = pretrain_silently("cpc_v2_resnet18_32px", tmp_path, epochs=4, batch_size=64, knn_every=4)
+    assert result.knn_final > result.knn_random_init + 0.05
 
 
 def test_python_dash_m_entry_point():
