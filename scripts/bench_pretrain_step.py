@@ -1,7 +1,7 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
 For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, InstDisc,
-InvaSpread, CMC, CPC v2; lightly has no step for the last four) the script
+InvaSpread, CMC, CPC v2, SimMIM; lightly has no step for the last five) the script
 reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
 after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
 image of the preset's size.
@@ -373,6 +373,9 @@ METHODS: dict[str, Bench] = {
     "cmc": Bench(("cmc_resnet18_32px", {}, 128), ("cmc_resnet50v1", {}, 64), all_views, None),
     # CPC v2's view is one grid of patches (B, rows, cols, C, p, p): the bound is the patch encoder on it
     "cpc_v2": Bench(("cpc_v2_resnet18_32px", {}, 128), ("cpc_v2_resnet50", {}, 16), all_views, None),
+    # lightly's SimMIM (MaskedVisionTransformerTIMM) needs a timm VisionTransformer, not the BEiT-style encoder
+    # SimMIM releases: a lightly row would time another backbone, so the bound only
+    "simmim": Bench(("simmim_vit_tiny_patch4_32px", {}, 128), ("simmim_vit_base_patch16_224", {}, 64), all_views, None),
 }
 # Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).
 BANK_ROWS = 50_000

@@ -31,6 +31,25 @@ from sslhub.registry import get_method
 CARD_TASK = {"SSLForPreTraining": "pretraining", "SSLForImageClassification": "classification"}
 
 
+def _restore_unsaved_buffers(model: nn.Module, meta_model: nn.Module, config: SSLConfig) -> None:
+    """transformers builds a loaded model on the meta device and fills in what the file holds, so the buffers timm
+    computes when it builds a module and does not save (BEiT's relative position index and zero key bias) would be
+    left uninitialised: they are copied from a model built the ordinary way, only when the model has any."""
+    names = {
+        f"{prefix}.{buffer}" if prefix else buffer
+        for prefix, module in meta_model.named_modules()
+        for buffer in module._non_persistent_buffers_set
+    }
+    if not names:
+        return
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's random state alone
+        built = dict(type(model)(config).named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in names:
+                buffer.copy_(built[name])
+
+
 class SSLPreTrainedModel(PreTrainedModel):
     config_class = SSLConfig
     base_model_prefix = "ssl"
@@ -51,6 +70,7 @@ class SSLPreTrainedModel(PreTrainedModel):
             method_info=get_method(self.config.method).card_info(),
             architecture_note=self._released_encoder_module().architecture_note,
             single_timm_model=self._released_encoder_module().timm_model is not None,
+            backbone_kwargs=self.config.backbone_kwargs,
             training=training,
             results=results,
             **card_fields,
@@ -99,6 +119,7 @@ class SSLPreTrainedModel(PreTrainedModel):
         trainable = {name: p.requires_grad for name, p in fresh.named_parameters()}
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
+        _restore_unsaved_buffers(model, fresh, config)
         missing = [key for key in info["missing_keys"] if not key.startswith(cls._new_keys)]
         wrong = [
             f"{key}: file {tuple(file)} vs model {tuple(expected)}"

@@ -401,12 +401,14 @@ class Pretrainer:
     def learning_rate(self, progress: TrainingProgress) -> float:
         """The method's ``lr_schedule``: warm-up + cosine per step, the cosine set once per epoch (SimSiam's
         ``adjust_learning_rate``: ``0.5 (1 + cos(π epoch / epochs))`` for the whole epoch), or the step schedule per
-        epoch."""
-        if self.hparams.lr_schedule == "step":
-            return step_learning_rate_at(progress.epoch, self.peak_lr, self.hparams.lr_milestones)
+        epoch after the per-step warm-up."""
         hp = self.hparams
-        minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
         start = hp.warmup_start_ratio * self.peak_lr
+        if hp.lr_schedule == "step":
+            if progress.step < self.warmup_steps:  # SimMIM's MultiStepLRScheduler warms up per step first
+                return start + (self.peak_lr - start) * progress.step / self.warmup_steps
+            return step_learning_rate_at(progress.epoch, self.peak_lr, hp.lr_milestones)
+        minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
         step = progress.epoch * self.steps_per_epoch if hp.lr_schedule == "cosine_epoch" else progress.step
         return learning_rate_at(step, self.total_steps, self.warmup_steps, self.peak_lr, minimum, start)
 

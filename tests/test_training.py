@@ -96,7 +96,8 @@ def test_warmup_never_exceeds_a_quarter_of_the_run(image_folder, tmp_path):
 
 
 def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tmp_path):
-    """MoCo v1 (``main_moco.py`` without ``--cos``): lr = base x 0.1^(milestones reached), set per epoch."""
+    """MoCo v1 (``main_moco.py`` without ``--cos``): lr = base x 0.1^(milestones reached), set per epoch; with a
+    warm-up, the per-step linear ramp comes first."""
     overrides = {"queue_size": 64, "image_size": 32, "lr_milestones": [1, 3]}
     args = tiny_args(image_folder, tmp_path, model="moco_v1_resnet18", epochs=4, knn_every=0, overrides=overrides)
     trainer = Pretrainer(args)
@@ -104,8 +105,15 @@ def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tm
     for step, expected in ((0, peak), (2, peak), (3, peak / 10), (8, peak / 10), (9, peak / 100), (11, peak / 100)):
         trainer.set_schedules(TrainingProgress(step, trainer.total_steps, trainer.steps_per_epoch))  # 3 steps/epoch
         assert [group["lr"] for group in trainer.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
+    # SimMIM's MultiStepLRScheduler: a per-step linear warm-up from warmup_start_ratio x peak first
+    warm = Pretrainer(tiny_args(image_folder, tmp_path / "warm", model="moco_v1_resnet18", epochs=4, knn_every=0,
+                                overrides={**overrides, "warmup_epochs": 1, "warmup_start_ratio": 0.1}))  # fmt: skip
+    assert warm.warmup_steps == 3
+    for step, expected in ((0, 0.1 * peak), (1, 0.4 * peak), (2, 0.7 * peak), (3, peak / 10), (9, peak / 100)):
+        warm.set_schedules(TrainingProgress(step, warm.total_steps, warm.steps_per_epoch))
+        assert [group["lr"] for group in warm.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
     with pytest.raises(ValueError, match="no warm-up"):
-        sslhub.create_model("moco_v1_resnet18", warmup_epochs=1)
+        sslhub.create_model("simsiam_resnet18_32px", warmup_epochs=1)
 
 
 def test_lr_scaling_rules_and_group_lr_scale(image_folder, tmp_path):

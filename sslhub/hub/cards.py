@@ -77,6 +77,7 @@ def render_model_card(
     eval_data: str | None = None,
     architecture_note: str = "",
     single_timm_model: bool = True,
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The model card (README.md) of an sslhub checkpoint.
 
@@ -90,7 +91,8 @@ def render_model_card(
     ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads;
     ``eval_data``: the data ``results`` were measured on when it is not the training data (DINOv2: LVD-142M /
     ImageNet); ``architecture_note``: what the encoder has beyond its timm backbone (``Encoder.architecture_note``);
-    ``single_timm_model``: whether the encoder is one timm model (``sslhub.to_timm`` returns it), not CMC's two.
+    ``single_timm_model``: whether the encoder is one timm model (``sslhub.to_timm`` returns it), not CMC's two;
+    ``backbone_kwargs``: the timm arguments the backbone is built with (SimMIM's shared relative position bias).
     """
     if task not in CARD_TASKS:
         raise ValueError(f"task must be one of {CARD_TASKS}, got {task!r}")
@@ -123,6 +125,9 @@ def render_model_card(
         task=task,
         method=method,
         backbone=backbone,
+        timm_call=f'timm.create_model("{backbone}", num_classes=0, global_pool=""'
+        + "".join(f", {key}={value!r}" for key, value in (backbone_kwargs or {}).items())
+        + ")",
         num_parameters=f"{num_parameters / 1e6:.1f}M ({num_parameters:,})",
         paper=method_info.get("paper"),
         arxiv=method_info.get("arxiv"),

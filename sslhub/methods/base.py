@@ -75,7 +75,7 @@ class MethodHparams:
     lr_schedule: str = hparam(
         "cosine",
         "'cosine' (warm-up then half-cosine, per step), 'cosine_epoch' (half-cosine set once per epoch) or 'step' "
-        "(per epoch)",
+        "(per epoch, after the warm-up)",
     )
     lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by 0.1")
     lr_scaling: str = hparam("linear", "'linear' or 'sqrt' scaling of lr with the batch size")
@@ -88,7 +88,7 @@ class MethodHparams:
             raise ValueError(f"lr_scaling {self.lr_scaling!r}: expected one of {LR_SCALINGS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
-        if self.lr_schedule in ("step", "cosine_epoch") and self.warmup_epochs:
+        if self.lr_schedule == "cosine_epoch" and self.warmup_epochs:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} has no warm-up: set warmup_epochs=0")
 
 
@@ -160,6 +160,7 @@ class SSLMethod(nn.Module):
     citation: ClassVar[str] = ""
     released: ClassVar[str] = ""
     default_pooling: ClassVar[str | None] = None
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()  # parameter names AdamW does not decay (the authors' skip list)
     decay_norms_and_biases: ClassVar[bool] = False
     linear_recipe: ClassVar[LinearRecipe | None] = None
     checkpoint_layouts: ClassVar[tuple[CheckpointLayout, ...]] = ()
@@ -290,14 +291,16 @@ class SSLMethod(nn.Module):
     # ---- optimisation ------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters (never those of the auxiliary networks). Norms and biases get no weight decay with
-        AdamW (DINO, MAE) unless ``decay_norms_and_biases`` (MoCo v3); LARS leaves them out of decay and adaptation
-        itself (``sslhub.optim.LARS``)."""
+        AdamW (DINO, MAE), nor do the parameters named in ``no_weight_decay`` (SimMIM's class token), unless
+        ``decay_norms_and_biases`` (MoCo v3); LARS leaves them out of decay and adaptation itself
+        (``sslhub.optim.LARS``)."""
         frozen = {id(p) for network in self.auxiliary_networks().values() for p in network.parameters()}
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in frozen]
         if self.hparams.optimizer != "adamw" or self.decay_norms_and_biases:
             return [{"params": [p for _, p in params], "weight_decay": self.hparams.weight_decay}]
-        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-        no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
+        exempt = set(self.no_weight_decay)
+        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias") and n not in exempt]
+        no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias") or n in exempt]
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
