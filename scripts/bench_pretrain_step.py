@@ -160,7 +160,8 @@ def describe_views(views: Views) -> str:
     counts: dict[str, int] = {}
     for view in views:
         grid = f"{view.shape[1]}x{view.shape[2]} grid of " if view.ndim == 6 else ""  # CPC's patch grids
-        counts[f"{grid}{view.shape[-1]}px"] = counts.get(f"{grid}{view.shape[-1]}px", 0) + 1
+        size = f"{grid}{view.shape[-1]}px"
+        counts[size] = counts.get(size, 0) + 1
     return " + ".join(f"{n}x{size}" for size, n in counts.items())
 
 

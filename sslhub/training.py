@@ -144,9 +144,14 @@ def learning_rate_at(
     """Linear warm-up from ``start`` to ``peak``, then half-cosine to ``minimum`` (DINO / MAE / SwAV
     ``cosine_scheduler``)."""
     if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
+        return warmup_learning_rate(step, warmup_steps, peak, start)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_learning_rate(step: int, warmup_steps: int, peak: float, start: float = 0.0) -> float:
+    """The linear warm-up from ``start`` at step 0 towards ``peak`` at ``warmup_steps``."""
+    return start + (peak - start) * step / warmup_steps
 
 
 def step_learning_rate_at(epoch: int, peak: float, milestones: Sequence[int], factor: float = 0.1) -> float:
@@ -406,7 +411,7 @@ class Pretrainer:
         start = hp.warmup_start_ratio * self.peak_lr
         if hp.lr_schedule == "step":
             if progress.step < self.warmup_steps:  # SimMIM's MultiStepLRScheduler warms up per step first
-                return start + (self.peak_lr - start) * progress.step / self.warmup_steps
+                return warmup_learning_rate(progress.step, self.warmup_steps, self.peak_lr, start)
             return step_learning_rate_at(progress.epoch, self.peak_lr, hp.lr_milestones)
         minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
         step = progress.epoch * self.steps_per_epoch if hp.lr_schedule == "cosine_epoch" else progress.step

@@ -24,6 +24,11 @@ def build(preset, **overrides):
     return sslhub.create_model(preset, task="pretraining", **overrides)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| (Frobenius norms): the conversions' tolerance is 1e-4 of it."""
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
 def pretrain_silently(model, output_dir, **arguments):
     """``sslhub.training.pretrain`` of ``model`` into ``output_dir`` without logging, progress bars or intermediate
     checkpoints; ``arguments``: the other ``PretrainArguments`` (epochs, batch_size, data, ...)."""

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
-from helpers import assert_released_is, build, perturb_
+from helpers import assert_released_is, build, perturb_, relative_error
 from PIL import Image
 from torch import nn
 from torchvision import transforms as tv1
@@ -55,10 +55,6 @@ def images(*shape, seed=0):
 def two_views(size=32, batch=BATCH):
     x = images(batch, 3, size, size)
     return [x, x + 0.3 * images(batch, 3, size, size, seed=1)]
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 # ---- the authors' objective (main.py), written out --------------------------------------------------------------

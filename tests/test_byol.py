@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import assert_released_is, build, params, perturb_, zoo_script
+from helpers import assert_released_is, build, params, perturb_, relative_error, zoo_script
 from timm.layers import Conv2dSame
 from torch import nn
 from torchvision.transforms import v2
@@ -429,10 +429,6 @@ def byol_convert(params: dict, state: dict) -> dict:
         stat = {"mean_ema": "running_mean", "var_ema": "running_var"}[kind]
         converted[f"{torch_name(module)}.{stat}"] = torch.from_numpy(ema["average"]).squeeze()
     return converted
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def smooth_images(count, size, seed):

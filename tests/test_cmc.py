@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import pretrain_silently
+from helpers import pretrain_silently, relative_error
 from PIL import Image
 from skimage import color
 from sklearn.datasets import load_digits
@@ -35,10 +35,6 @@ TINY = {"dim": 16, "nce_k": 8, "num_samples": 12}
 def tiny_cmc(**overrides):
     torch.manual_seed(0)
     return sslhub.create_model("cmc_resnet18_32px", task="pretraining", **{**TINY, **overrides})
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
 
 
 def test_rgb_to_lab_is_scikit_image_rgb2lab():

@@ -18,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import zoo_script
+from helpers import relative_error, zoo_script
 from huggingface_hub import ModelCard
 from huggingface_hub import constants as hub_constants
 from torch import nn
@@ -32,10 +32,6 @@ from sslhub.conversion.pretrained import release_source
 from sslhub.registry import get_preset, get_pretrained, layout_methods, list_layouts
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 # ---- the authors' ViT (DINO vision_transformer.py / MAE models_vit.py / MoCo v3 vits.py), written out -------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import relative_error
 from torch import nn
 
 import sslhub
@@ -184,10 +185,6 @@ def authors_features(model, images):
     backbone.fc = nn.Identity()
     with torch.no_grad():
         return backbone(images), F.normalize(model(images), dim=1)
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])

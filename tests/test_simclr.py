@@ -18,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import assert_released_is, build, perturb_, zoo_script
+from helpers import assert_released_is, build, perturb_, relative_error, zoo_script
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
@@ -46,10 +46,6 @@ def images(*shape, seed=0):
 def two_views():
     x = images(BATCH, 3, 32, 32)
     return [x, x + 0.1 * images(BATCH, 3, 32, 32, seed=1)]
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 # ---- hyperparameters -------------------------------------------------------------------------------------------------

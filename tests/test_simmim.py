@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import build
+from helpers import build, relative_error
 from PIL import Image
 from torch import nn
 
@@ -124,10 +124,6 @@ def save_simmim_file(path, model):
     """``utils.py save_checkpoint``."""
     torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "max_accuracy": 0.0, "epoch": 799,
                 "config": "simmim_pretrain"}, path)  # fmt: skip
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
 
 
 # ---- masks and eq. 1 -----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import assert_released_is, build, perturb_
+from helpers import assert_released_is, build, perturb_, relative_error
 from PIL import Image
 from torch import nn
 from torchvision import transforms as tv1
@@ -36,10 +36,6 @@ BATCH = 4
 SMALL = {"dim": 64, "pred_dim": 16}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 # ---- the authors' model, written out (simsiam/builder.py) ----------------------------------------------------------

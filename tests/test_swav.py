@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import assert_released_is, build, perturb_
+from helpers import assert_released_is, build, perturb_, relative_error
 from PIL import Image
 from timm.optim import Lars
 from torch import nn
@@ -50,10 +50,6 @@ def crops(seed=0):
     return [images(BATCH, 3, 32, 32, seed=seed + i) for i in range(2)] + [
         images(BATCH, 3, 16, 16, seed=seed + 10 + i) for i in range(2)
     ]
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 # ---- hyperparameters, heads, initialisation ---------------------------------------------------------------------

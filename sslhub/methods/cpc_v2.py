@@ -262,11 +262,11 @@ class DirectionalCPC(nn.Module):
         self.predictors = nn.ModuleList(nn.Conv2d(dim, hp.target_dim, 1) for _ in self.offsets)
 
     def forward(self, latents: torch.Tensor):
-        """(loss, correct top-1 predictions, predictions) of a (B, D, rows, cols) latent grid."""
+        """(loss, correct top-1 predictions (a tensor), predictions) of a (B, D, rows, cols) latent grid."""
         batch, _, rows, cols = latents.shape
         context = self.context(latents)
         targets = self.target(latents).permute(0, 2, 3, 1).flatten(0, 2)  # (B * rows * cols, d), (b, i, j) order
-        loss, correct, total = latents.new_zeros(()), 0, 0
+        loss, correct, total = latents.new_zeros(()), latents.new_zeros((), dtype=torch.long), 0
         for k, predictor in zip(self.offsets, self.predictors, strict=True):
             predicted = predictor(context[:, :, : rows - k]) * self.emb_scale
             predicted = predicted.permute(0, 2, 3, 1).flatten(0, 2)  # (B * (rows - k) * cols, d)
@@ -276,7 +276,7 @@ class DirectionalCPC(nn.Module):
             logits = predicted @ targets.t()
             loss = loss + F.cross_entropy(logits, positives)
             with torch.no_grad():
-                correct += int((logits.argmax(dim=1) == positives).sum())
+                correct += (logits.argmax(dim=1) == positives).sum()  # one host sync per step, in CPCv2.forward
                 total += len(positives)
         return loss, correct, total
 
@@ -352,7 +352,7 @@ class CPCv2(SSLMethod):
         for name, quarter_turns in DIRECTIONS[: len(self.heads)]:
             head_loss, head_correct, head_total = self.heads[name](torch.rot90(latents, quarter_turns, dims=(2, 3)))
             loss, correct, total = loss + head_loss, correct + head_correct, total + head_total
-        return MethodOutput(loss, {"cpc_accuracy": correct / max(1, total)})
+        return MethodOutput(loss, {"cpc_accuracy": float(correct) / max(1, total)})
 
 
 for _name, _backbone in (("cpc_v2_resnet18", "resnet18"), ("cpc_v2_resnet50", "resnet50")):
