@@ -1,8 +1,11 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["SSLHUB_CACHE"] = tempfile.mkdtemp(prefix="sslhub-test-cache-")  # never the user's ~/.cache/sslhub
+atexit.register(shutil.rmtree, os.environ["SSLHUB_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
