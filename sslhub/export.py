@@ -16,11 +16,28 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import save_for_hf
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, ViTMAEForPreTraining, ViTMAEModel, ViTModel
+from transformers import (
+    BeitForMaskedImageModeling,
+    BeitModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    ViTMAEForPreTraining,
+    ViTMAEModel,
+    ViTModel,
+)
 
-from sslhub.conversion.hf_transformers import mae_to_transformers, vit_config, vit_mae_config, vit_to_transformers
+from sslhub.conversion.hf_transformers import (
+    beit_config,
+    beit_mim_to_transformers,
+    beit_to_transformers,
+    mae_to_transformers,
+    vit_config,
+    vit_mae_config,
+    vit_to_transformers,
+)
 from sslhub.files import atomic_directory
 from sslhub.heads import MAEDecoder
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel
@@ -131,8 +148,10 @@ class _TransformersExport(NamedTuple):
 _KEEP_ALL = {"mask_ratio": 0.0}
 
 
-def _encoder_export(encoder: SSLModel, model_class, hf_config, load_kwargs: dict, inputs: dict):
-    """A timm ViT encoder in a transformers ViT class, checked on ``last_hidden_state``."""
+def _encoder_export(encoder: SSLModel, model_class, hf_config, load_kwargs: dict, inputs: dict,
+                    to_transformers=vit_to_transformers):  # fmt: skip
+    """A timm ViT encoder in a transformers ViT class (its keys mapped by ``to_transformers``), checked on
+    ``last_hidden_state``."""
     backbone, config = encoder.encoder.timm_model, encoder.config
     pixels = _probe_images(config)
     with _inference(backbone):
@@ -141,7 +160,7 @@ def _encoder_export(encoder: SSLModel, model_class, hf_config, load_kwargs: dict
     def check(loaded: PreTrainedModel) -> None:
         _check_same("transformers export, last_hidden_state", loaded(pixels, **inputs).last_hidden_state, expected)
 
-    return _TransformersExport(model_class, hf_config, vit_to_transformers(backbone.state_dict()), load_kwargs, check)
+    return _TransformersExport(model_class, hf_config, to_transformers(backbone.state_dict()), load_kwargs, check)
 
 
 def _timm_vit(encoder: SSLModel) -> VisionTransformer:
@@ -191,12 +210,49 @@ def _vit_mae_for_pretraining_export(model: SSLForPreTraining) -> _TransformersEx
     )
 
 
+def _timm_beit(encoder: nn.Module, backbone_name: str) -> Beit:
+    if not isinstance(encoder.timm_model, Beit):
+        raise ValueError(f"no transformers Beit class for {backbone_name}; use `sslhub export --format timm`")
+    return encoder.timm_model
+
+
+def _beit_model_export(encoder: SSLModel) -> _TransformersExport:
+    """A timm ``Beit`` encoder as ``BeitModel`` with the final norm on every token (``use_mean_pooling=False``) and
+    no pooler: its ``last_hidden_state`` is sslhub's."""
+    hf_config = beit_config(_timm_beit(encoder.encoder, encoder.config.backbone), use_mean_pooling=False)
+    return _encoder_export(encoder, BeitModel, hf_config, {"add_pooling_layer": False}, {}, beit_to_transformers)
+
+
+def _beit_for_mim_export(model: SSLForPreTraining) -> _TransformersExport:
+    """A BEiT objective (timm ``Beit``, ``mask_token``, ``lm_head``) as ``BeitForMaskedImageModeling``, checked on the
+    token logits of probe images with every other patch masked. The frozen tokenizer is not part of it."""
+    method = model.method
+    vit = _timm_beit(method.released_encoder, model.config.backbone)
+    pixels = _probe_images(model.config)
+    mask = (torch.arange(vit.patch_embed.num_patches) % 2).bool().expand(pixels.shape[0], -1)
+    with _inference(model):
+        expected = method.mim_logits(pixels, mask.reshape(pixels.shape[0], *vit.patch_embed.grid_size), all_tokens=True)
+
+    def check(loaded: PreTrainedModel) -> None:
+        _check_same("transformers export, MIM logits", loaded(pixels, bool_masked_pos=mask).logits, expected)
+
+    head = {
+        "mask_token": method.mask_token.detach(),
+        **{f"lm_head.{k}": v for k, v in method.lm_head.state_dict().items()},
+    }
+    hf_config = beit_config(vit, use_mean_pooling=True, use_mask_token=True, vocab_size=method.lm_head.out_features)
+    return _TransformersExport(BeitForMaskedImageModeling, hf_config, beit_mim_to_transformers(vit.state_dict(), head),
+                               {}, check)  # fmt: skip
+
+
 ENCODER_EXPORTS: dict[str, Callable[[SSLModel], _TransformersExport]] = {
     "ViTModel": _vit_model_export,
     "ViTMAEModel": _vit_mae_model_export,
+    "BeitModel": _beit_model_export,
 }
 PRETRAINING_EXPORTS: dict[str, Callable[[SSLForPreTraining], _TransformersExport]] = {
     "ViTMAEForPreTraining": _vit_mae_for_pretraining_export,
+    "BeitForMaskedImageModeling": _beit_for_mim_export,
 }
 
 

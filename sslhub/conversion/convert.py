@@ -129,7 +129,8 @@ def build_converted_model(
     """A ``task`` model for ``config`` holding the converted weights (eval mode).
 
     For ``"pretraining"`` the file's heads / teacher / queue are loaded when it has them; a file holding only the
-    released encoder initialises every encoder copy from it and leaves the heads at their initialisation.
+    released encoder initialises every encoder copy from it and leaves the heads at their initialisation. Frozen
+    auxiliary networks the file lacks load from the files the hyperparameters name (``load_auxiliary_weights``).
     """
     model = model_class(task)(config)
     what = f"{source} ({converted.layout})"
@@ -143,6 +144,7 @@ def build_converted_model(
             load_strict(encoder, _encoder_state(encoder, converted, config, what), what)
         return model.eval()
     released = model.method.released_encoder
+    model.method.load_auxiliary_weights()  # no release holds them (BEiT's tokenizer): the hyperparameters name them
     if converted.method is None:
         logger.warning("%s holds only the released encoder: the %s heads keep their initialisation", source,
                        config.method)  # fmt: skip
@@ -160,6 +162,9 @@ def build_converted_model(
                 else encoder_state
             )
             state.update({prefix + key: value for key, value in mapped.items()})
+    for name, network in model.method.auxiliary_networks().items():
+        if not any(key.startswith(f"{name}.") for key in state):
+            state.update({f"{name}.{key}": value for key, value in network.state_dict().items()})
     load_strict(model.method, state, what)
     return model.eval()
 

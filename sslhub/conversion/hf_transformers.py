@@ -23,7 +23,7 @@ import timm
 import torch
 from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTMAEConfig
+from transformers import AutoConfig, BeitConfig, PretrainedConfig, ViTConfig, ViTMAEConfig
 
 from sslhub.conversion.keys import Converted
 from sslhub.conversion.loading import CheckpointError
@@ -84,6 +84,7 @@ class Layout:
     timm_block: str
     hf_blocks: tuple[str, ...]
     ignored: Mapping[str, str]
+    top_unprefixed: tuple[Row, ...] = ()  # rows outside the base model of a task class (BEiT's final ``layernorm``)
 
     def rows(self, depth: int, hf_prefix: str = "", hf_block: str | None = None) -> list[Row]:
         """Concrete rows for ``depth`` blocks, transformers names under ``hf_prefix`` (e.g. ``"vit."``)."""
@@ -91,7 +92,7 @@ class Layout:
         for i in range(depth):
             timm_block, block = self.timm_block.format(i=i), (hf_block or self.hf_blocks[0]).format(i=i)
             rows += [(timm_block + t, tuple(block + h for h in hs)) for t, hs in self.block]
-        return [(t, tuple(hf_prefix + h for h in hs)) for t, hs in rows]
+        return [(t, tuple(hf_prefix + h for h in hs)) for t, hs in rows] + list(self.top_unprefixed)
 
     def hf_block_in(self, state_dict: Mapping[str, torch.Tensor], hf_prefix: str) -> str:
         """The block spelling ``state_dict`` uses (the written one when it has no blocks)."""
@@ -447,6 +448,142 @@ def dinov2_from_transformers(state_dict: Mapping[str, torch.Tensor], config: Pre
     mapped = _convert_dinov2(original, None)
     _check(f"{config.model_type} checkpoint to timm", mapped, unknown, _timm_shapes(*dinov2_timm_model(config)))
     return KeyMapping(mapped, ignored)
+
+
+# ---- BEiT ------------------------------------------------------------------------------------------------------
+
+# timm ``Beit`` (timm/models/beit.py) vs transformers ``BeitModel`` / ``BeitForMaskedImageModeling`` checkpoint names
+# (``convert_beit_unilm_to_pytorch.py``, official-checkpoints.md §14): BEiT has no key bias, so its q and v biases are
+# rows of their own; layer scale ``gamma_1`` / ``gamma_2`` is ``lambda_1`` / ``lambda_2``; one relative position bias
+# table shared by the blocks; the final norm is the top-level ``layernorm`` of both classes (a ``BeitModel`` with
+# ``use_mean_pooling=False``, and the masked-image-modelling head's own norm).
+BEIT_EMBEDDINGS: tuple[Row, ...] = (
+    ("cls_token", ("embeddings.cls_token",)),
+    ("pos_embed", ("embeddings.position_embeddings",)),
+    ("patch_embed.proj", ("embeddings.patch_embeddings.projection",)),
+    ("rel_pos_bias.relative_position_bias_table", ("encoder.relative_position_bias.relative_position_bias_table",)),
+)
+BEIT_BLOCK: tuple[Row, ...] = (
+    ("norm1", ("layernorm_before",)),
+    ("attn.qkv", _QKV),
+    ("attn.q_bias", ("attention.attention.query.bias",)),
+    ("attn.v_bias", ("attention.attention.value.bias",)),
+    ("attn.proj", ("attention.output.dense",)),
+    ("gamma_1", ("lambda_1",)),
+    ("norm2", ("layernorm_after",)),
+    ("mlp.fc1", ("intermediate.dense",)),
+    ("mlp.fc2", ("output.dense",)),
+    ("gamma_2", ("lambda_2",)),
+)
+BEIT = Layout(
+    BEIT_EMBEDDINGS,
+    BEIT_BLOCK,
+    "blocks.{i}.",
+    ("encoder.layer.{i}.",),
+    {
+        r"(beit\.)?encoder\.relative_position_bias\.relative_position_index": "relative_position_index (a buffer timm "
+        "computes; Hub files of older transformers hold it)",
+        r"(beit\.)?embeddings\.mask_token": "mask_token (BEiT's pretraining part, beit_mim_head_from_transformers)",
+        r"lm_head\.": "lm_head (BEiT's pretraining part, beit_mim_head_from_transformers)",
+    },
+    top_unprefixed=(("norm", ("layernorm",)),),
+)
+# The masked-image-modelling part of ``BeitForMaskedImageModeling`` in sslhub's BEiT names (``sslhub.methods.beit``).
+BEIT_MIM_HEAD: tuple[Row, ...] = (("mask_token", ("beit.embeddings.mask_token",)), ("lm_head", ("lm_head",)))
+_BEIT_ENTRYPOINT = "beit_base_patch16_224"  # beit_timm_kwargs sets every size and option
+
+
+def beit_timm_kwargs(config: PretrainedConfig | Mapping) -> dict:
+    """Keyword arguments for timm's ``beit_base_patch16_224`` entrypoint that build the encoder of a ``BeitConfig``
+    (sizes, absolute / per-block / shared position biases, layer scale).
+
+    timm's LayerNorm has eps 1e-6 (BEiT's value); the Hub ports say transformers' default 1e-12, a difference of
+    ~1e-6 relative in the outputs.
+    """
+    config = _as_config(config, ("beit",))
+    if config.hidden_act != "gelu":
+        raise ValueError(f"timm's Beit uses exact GELU; this config has hidden_act={config.hidden_act!r}")
+    return {
+        "img_size": config.image_size,
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": _mlp_ratio(config.intermediate_size, config.hidden_size),
+        "use_abs_pos_emb": config.use_absolute_position_embeddings,
+        "use_rel_pos_bias": config.use_relative_position_bias,
+        "use_shared_rel_pos_bias": config.use_shared_relative_position_bias,
+        "init_values": config.layer_scale_init_value if config.layer_scale_init_value > 0 else None,
+    }
+
+
+def beit_from_transformers(state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping) -> KeyMapping:
+    """``BeitModel`` (``use_mean_pooling=False``) / ``BeitForMaskedImageModeling`` checkpoint -> timm ``Beit`` keys
+    (``beit.`` prefix optional). The mask token, ``lm_head`` and a stored relative position index are returned as
+    ignored; the result is checked against the timm Beit that ``beit_timm_kwargs(config)`` builds."""
+    config = _as_config(config, ("beit",))
+    if config.use_relative_position_bias:
+        raise CheckpointError("a beit checkpoint with one relative position bias per block (a fine-tuned BEiT): "
+                              "sslhub reads BEiT's pretraining encoder, with one shared bias")  # fmt: skip
+    prefix = _hf_prefix(state_dict, ("", "beit."))
+    mapped, ignored, unknown = _from_transformers(state_dict, BEIT, config.num_hidden_layers, prefix)
+    _check("beit checkpoint to a timm Beit", mapped, unknown, _timm_shapes(_BEIT_ENTRYPOINT, beit_timm_kwargs(config)))
+    return KeyMapping(mapped, ignored)
+
+
+def beit_mim_head_from_transformers(state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping):
+    """The masked-image-modelling part of a ``BeitForMaskedImageModeling`` checkpoint: ``mask_token`` (1, 1, D) and
+    ``lm_head`` (vocab, D) in sslhub's BEiT names."""
+    config = _as_config(config, ("beit",))
+    dim, vocab = config.hidden_size, config.vocab_size
+    mapped, _ = _apply(state_dict, [(hs, (t,)) for t, hs in BEIT_MIM_HEAD])
+    expected = {"mask_token": (1, 1, dim), "lm_head.weight": (vocab, dim), "lm_head.bias": (vocab,)}
+    _check("BeitForMaskedImageModeling head", mapped, (), {key: torch.Size(shape) for key, shape in expected.items()})
+    return mapped
+
+
+def beit_to_transformers(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """timm ``Beit`` encoder state dict -> ``BeitModel`` checkpoint keys (``prefix="beit."`` for
+    ``BeitForMaskedImageModeling``, whose final norm stays the top-level ``layernorm``)."""
+    return _to_transformers(state_dict, BEIT, "timm Beit to transformers", prefix)
+
+
+def beit_mim_to_transformers(
+    encoder_state: Mapping[str, torch.Tensor], head_state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """timm ``Beit`` encoder + sslhub BEiT's ``mask_token`` / ``lm_head`` -> ``BeitForMaskedImageModeling`` keys."""
+    head, unknown = _apply(head_state, [((t,), hs) for t, hs in BEIT_MIM_HEAD])
+    if unknown:
+        raise ConversionError("BEiT head to transformers", unknown=unknown)
+    return {**beit_to_transformers(encoder_state, prefix="beit."), **head}
+
+
+def beit_config(vit: nn.Module, **overrides) -> BeitConfig:
+    """The ``BeitConfig`` of a timm ``Beit`` with a shared relative position bias (BEiT's pretraining encoder):
+    sizes, ``layer_norm_eps`` of its final norm, exact GELU, layer scale when its blocks have one."""
+    block = vit.blocks[0]
+    act = block.mlp.act
+    if not (isinstance(act, nn.GELU) and act.approximate == "none") or len(set(vit.patch_embed.patch_size)) != 1:
+        raise ValueError("transformers' Beit needs exact GELU and square patches")
+    if block.attn.relative_position_bias_table is not None:
+        raise ValueError("sslhub exports a Beit with one shared relative position bias, not one per block")
+    fields = {
+        "hidden_size": vit.embed_dim,
+        "num_hidden_layers": len(vit.blocks),
+        "num_attention_heads": block.attn.num_heads,
+        "intermediate_size": block.mlp.fc1.out_features,
+        "hidden_act": "gelu",
+        "layer_norm_eps": vit.norm.eps,
+        "image_size": vit.patch_embed.img_size[0],
+        "patch_size": vit.patch_embed.patch_size[0],
+        "num_channels": vit.patch_embed.proj.in_channels,
+        "use_absolute_position_embeddings": vit.pos_embed is not None,
+        "use_relative_position_bias": False,
+        "use_shared_relative_position_bias": vit.rel_pos_bias is not None,
+        "layer_scale_init_value": 0.1 if block.gamma_1 is not None else 0.0,  # only decides that lambda_1/2 exist
+    }
+    return BeitConfig(**{**fields, **overrides})
 
 
 # ---- a Hugging Face model directory as an sslhub conversion ------------------------------------------------------

@@ -122,19 +122,19 @@ def masked_pixel_l1(images: torch.Tensor, reconstruction: torch.Tensor, mask: to
     return (error * pixels).sum() / (pixels.sum() + 1e-5) / images.shape[1]
 
 
-def _relative_position_check(encoder: dict, source: str) -> list[str]:
-    """The file's ``rel_pos_bias.relative_position_index`` must be the one timm's ``Beit`` computes for its grid
-    (BEiT's index with the class-token rows); it is a buffer timm builds itself, so it is left out."""
+def _relative_position_check(encoder: dict, source: str, file_prefix: str = "encoder.") -> list[str]:
+    """The file's ``rel_pos_bias.relative_position_index`` (``file_prefix`` + that in the file: SimMIM's model keeps
+    its encoder under ``encoder.``, BEiT's at the top) must be the one timm's ``Beit`` computes for its grid (BEiT's
+    index with the class-token rows); it is a buffer timm builds itself, so it is left out."""
     index = encoder.pop("rel_pos_bias.relative_position_index", None)
     if index is None:
         return []
+    key = f"{file_prefix}rel_pos_bias.relative_position_index"
     side = math.isqrt(index.shape[0] - 1)
     expected = gen_relative_position_index((side, side))
     if index.shape != expected.shape or not torch.equal(index.long(), expected):
-        raise CheckpointError(
-            f"{source}: encoder.rel_pos_bias.relative_position_index is not BEiT's index of a {side}x{side} grid"
-        )
-    return ["encoder.rel_pos_bias.relative_position_index (timm computes the same index)"]
+        raise CheckpointError(f"{source}: {key} is not BEiT's index of a {side}x{side} grid")
+    return [f"{key} (timm computes the same index)"]
 
 
 def convert_simmim(container, source: str) -> Converted:
