@@ -69,6 +69,13 @@ class DINOHparams(MethodHparams):
     sync_batch_norm: bool = True  # main_dino.py converts a backbone or head with BatchNorm to SyncBN
 
 
+def warmup_then_constant(start: float, end: float, warmup_epochs: int, epoch: int) -> float:
+    """``np.linspace(start, end, warmup_epochs)[epoch]``, then ``end``: DINO's teacher-temperature schedule."""
+    if epoch >= warmup_epochs:
+        return end
+    return start + epoch * (end - start) / max(1, warmup_epochs - 1)
+
+
 def dino_views(global_size: int, local_size: int, hp, mean: Sequence[float], std: Sequence[float]) -> MultiView:
     """DINO ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): ``[global 1, global 2, local
     1..n]``. Every crop is a bicubic random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8) and
@@ -179,19 +186,30 @@ class DINO(SSLMethod):
         self.student = self.build_encoder(config, **extra, **({"drop_path_rate": hp.drop_path_rate} if vit else {}))
         self.teacher = self.build_encoder(config, **extra).requires_grad_(False)
         self.teacher.load_state_dict(self.student.state_dict())
-        student = self.student.backbone
-        head_kwargs = dict(
+        dim = self.student.backbone.num_features
+        self.student_head = self.build_head(dim, student=True)
+        self.teacher_head = self.build_head(dim, student=False).requires_grad_(False)
+        self.init_teacher_head()
+        self.register_buffer("center", torch.zeros(1, hp.out_dim))
+        self.teacher_temperature = hp.warmup_teacher_temp
+
+    def build_head(self, in_dim: int, student: bool) -> nn.Module:
+        """The DINO head of the student (weight norm g frozen as ``norm_last_layer``) or of the teacher (frozen, as
+        ``main_dino.py`` builds it)."""
+        hp = self.hparams
+        return DINOHead(
+            in_dim,
             out_dim=hp.out_dim,
             hidden_dim=hp.hidden_dim,
             bottleneck_dim=hp.bottleneck_dim,
             nlayers=hp.head_layers,
             use_bn=hp.use_bn_in_head,
+            norm_last_layer=hp.norm_last_layer if student else True,
         )
-        self.student_head = DINOHead(student.num_features, norm_last_layer=hp.norm_last_layer, **head_kwargs)
-        self.teacher_head = DINOHead(student.num_features, **head_kwargs).requires_grad_(False)
+
+    def init_teacher_head(self) -> None:
+        """The teacher's head starts as a copy of the student's."""
         self.teacher_head.load_state_dict(self.student_head.state_dict())
-        self.register_buffer("center", torch.zeros(1, hp.out_dim))
-        self.teacher_temperature = hp.warmup_teacher_temp
 
     @property
     def released_encoder(self):
@@ -217,10 +235,7 @@ class DINO(SSLMethod):
     def teacher_temperature_at(self, epoch: int) -> float:
         """Linear warm-up from ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs, then constant."""
         hp = self.hparams
-        if epoch >= hp.warmup_teacher_temp_epochs:
-            return hp.teacher_temp
-        step = (hp.teacher_temp - hp.warmup_teacher_temp) / max(1, hp.warmup_teacher_temp_epochs - 1)
-        return hp.warmup_teacher_temp + epoch * step
+        return warmup_then_constant(hp.warmup_teacher_temp, hp.teacher_temp, hp.warmup_teacher_temp_epochs, epoch)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
         self.teacher_temperature = self.teacher_temperature_at(progress.epoch)
@@ -248,13 +263,20 @@ class DINO(SSLMethod):
         """Per-parameter gradient clipping (``utils.clip_gradients``) and, during the first ``freeze_last_layer``
         epochs, no update of the head's last layer (``utils.cancel_gradients_last_layer``)."""
         if self.hparams.clip_grad is not None:
-            params = [*self.student.parameters(), *self.student_head.parameters()]
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in self.student_parameters() if p.grad is not None]
             scales = [torch.clamp(self.hparams.clip_grad / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)]
             torch._foreach_mul_(grads, scales)
         if progress.epoch < self.hparams.freeze_last_layer:
-            for param in self.student_head.last_layer.parameters():
+            for param in self.last_layer_parameters():
                 param.grad = None
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """The student's parameters, each once: what the gradient clipping sees (``utils.clip_gradients(student)``)."""
+        return [*self.student.parameters(), *self.student_head.parameters()]
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The parameters frozen during the first ``freeze_last_layer`` epochs."""
+        return list(self.student_head.last_layer.parameters())
 
     def momentum_pairs(self):
         return [(self.student, self.teacher), (self.student_head, self.teacher_head)]
