@@ -114,7 +114,8 @@ class MAEDecoder(nn.Module):
 
     Embeds the visible encoder tokens to ``embed_dim``, inserts a shared learned mask token at the masked
     positions, adds fixed 2-D sin-cos position embeddings and runs ``depth`` Transformer blocks; a linear layer
-    predicts the ``patch_size**2 * in_chans`` pixels of every patch.
+    predicts the ``patch_size**2 * in_chans`` pixels of every patch. ``cls_token=False``: the encoder tokens have no
+    class token in front and the position embedding no row for it (ConvMAE's ``forward_decoder``).
     """
 
     def __init__(
@@ -127,11 +128,13 @@ class MAEDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
+        cls_token: bool = True,
     ):
         super().__init__()
+        self.num_prefix_tokens = int(cls_token)
         self.decoder_embed = nn.Linear(encoder_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        pos = sincos_2d_position_embedding(embed_dim, grid_size, cls_token=True)
+        pos = sincos_2d_position_embedding(embed_dim, grid_size, cls_token=cls_token)
         self.decoder_pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
@@ -143,16 +146,18 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """``tokens``: (B, 1 + L_visible, encoder_dim) with the cls token first -> (B, L, p*p*C) predictions."""
+        """``tokens``: (B, 1 + L_visible, encoder_dim) with the cls token first (without it when ``cls_token=False``)
+        -> (B, L, p*p*C) predictions."""
         x = self.decoder_embed(tokens)
         batch, num_patches = ids_restore.shape
-        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        prefix = self.num_prefix_tokens
+        mask_tokens = self.mask_token.expand(batch, num_patches + prefix - x.shape[1], -1)
+        patches = torch.cat([x[:, prefix:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :prefix], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_pred(self.decoder_norm(x))[:, prefix:]
 
 
 def xavier_init_weights(module: nn.Module) -> None:
