@@ -156,9 +156,15 @@ def list_pretrained(pattern: str = "*") -> list[str]:
 
 
 def list_layouts() -> dict[str, CheckpointLayout]:
-    """The checkpoint layouts the registered methods declare (``SSLMethod.checkpoint_layouts``), by name, in the
+    """The checkpoint layouts the registered methods declare (``SSLMethod.checkpoint_layouts``), by name: a method
+    derived from another registered method first (DeepMIM's files also look like its base MAE's), otherwise in the
     order the methods were registered."""
-    return {layout.name: layout for method in _METHODS.values() for layout in method.checkpoint_layouts}
+
+    def bases(method) -> int:
+        return sum(issubclass(method, other) for other in _METHODS.values())
+
+    methods = sorted(_METHODS.values(), key=bases, reverse=True)
+    return {layout.name: layout for method in methods for layout in method.checkpoint_layouts}
 
 
 def layout_methods(layout: str) -> list[str]:

@@ -100,6 +100,28 @@ def _is_vit_mae_for_pretraining(container) -> bool:
     return any(key.startswith("decoder.") for key in container["state_dict"])
 
 
+def init_mae_encoder(vit: nn.Module) -> None:
+    """``MaskedAutoencoderViT.initialize_weights`` on a timm ViT: fixed sin-cos position embedding, xavier patch
+    projection and linear layers, normal(0.02) class token."""
+    pos = sincos_2d_position_embedding(vit.embed_dim, vit.patch_embed.grid_size, cls_token=True)
+    vit.pos_embed.data.copy_(pos.unsqueeze(0))
+    vit.pos_embed.requires_grad_(False)
+    vit.apply(xavier_init_weights)
+    weight = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))
+    nn.init.normal_(vit.cls_token, std=0.02)
+
+
+def visible_tokens(vit: nn.Module, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """The input of ``forward_encoder``'s blocks on a timm ViT: patch embeddings plus position embeddings, the
+    ``1 - mask_ratio`` lowest-noise patches kept, the class token prepended (then ``norm_pre``). Returns
+    (tokens, mask, ids_restore); methods that read intermediate blocks (DeepMIM, LocalMIM) run the blocks themselves."""
+    patches = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+    visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(visible.shape[0], -1, -1)
+    return vit.norm_pre(torch.cat([cls, visible], dim=1)), mask, ids_restore
+
+
 @register_method("mae")
 class MAE(SSLMethod):
     """A ViT encoder sees only the visible 25 % of the patches (plus the class token); a light decoder gets the
@@ -137,7 +159,7 @@ class MAE(SSLMethod):
         vit = self.encoder.backbone
         if not is_vision_transformer(vit) or getattr(vit, "cls_token", None) is None:
             raise ValueError(f"MAE needs a ViT backbone with a class token, got {config.backbone!r}")
-        self._init_encoder()
+        init_mae_encoder(vit)
         self.patch_size = vit.patch_embed.patch_size[0]
         self.decoder = MAEDecoder(
             vit.patch_embed.grid_size,
@@ -147,18 +169,6 @@ class MAE(SSLMethod):
             depth=hp.decoder_depth,
             num_heads=hp.decoder_num_heads,
         )
-
-    def _init_encoder(self) -> None:
-        """``MaskedAutoencoderViT.initialize_weights``: fixed sin-cos position embedding, xavier patch projection
-        and linear layers, normal(0.02) class token."""
-        enc = self.encoder.backbone
-        pos = sincos_2d_position_embedding(enc.embed_dim, enc.patch_embed.grid_size, cls_token=True)
-        enc.pos_embed.data.copy_(pos.unsqueeze(0))
-        enc.pos_embed.requires_grad_(False)
-        enc.apply(xavier_init_weights)
-        weight = enc.patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))
-        nn.init.normal_(enc.cls_token, std=0.02)
 
     @property
     def released_encoder(self):
@@ -174,11 +184,8 @@ class MAE(SSLMethod):
         """``forward_encoder``: embed patches, add position embeddings, keep a random 25 %, prepend the class token,
         run the blocks and the final norm. Returns (tokens, mask, ids_restore)."""
         enc = self.encoder.backbone
-        patches = enc.patch_embed(images) + enc.pos_embed[:, 1:]
-        visible, mask, ids_restore = random_masking(patches, self.hparams.mask_ratio, noise)
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(visible.shape[0], -1, -1)
-        tokens = enc.norm(enc.blocks(enc.norm_pre(torch.cat([cls, visible], dim=1))))
-        return tokens, mask, ids_restore
+        tokens, mask, ids_restore = visible_tokens(enc, images, self.hparams.mask_ratio, noise)
+        return enc.norm(enc.blocks(tokens)), mask, ids_restore
 
     def forward(self, batch: Batch) -> MethodOutput:
         """``batch.views[0]``: the images; ``batch.extras["noise"]`` (B, L), optional: the masking noise (the
