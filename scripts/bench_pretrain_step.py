@@ -1,7 +1,7 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
-For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, InstDisc,
-InvaSpread, CMC, CPC v2, SimMIM; lightly has no step for the last five) the script
+For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, iBOT, InstDisc,
+InvaSpread, CMC, CPC v2, SimMIM, BEiT, ConvMAE, DeepMIM, LocalMIM; lightly has no step for the last nine) the script
 reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
 after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
 image of the preset's size.
@@ -27,6 +27,8 @@ image of the preset's size.
   schedule; SimSiam: the projector of ``SimSiamProjectionHead``'s blocks + ``SimSiamPredictionHead`` +
   ``NegativeCosineSimilarity``; Barlow Twins: ``BarlowTwinsProjectionHead``'s blocks + ``BarlowTwinsLoss``; SwAV:
   ``SwaVProjectionHead`` + ``SwaVPrototypes`` + ``SwaVLoss``, one forward per crop.
+  iBOT: ``MaskedVisionTransformerTIMM`` (mask token) + ``DINOProjectionHead`` + ``DINOLoss`` + ``IBOTPatchLoss``
+  with ``random_block_mask`` on half of the global crops, as lightly's ``examples/pytorch/ibot.py``.
 
 The bound and lightly use the method's optimizer kind (``sslhub.optim.create_optimizer``: SGD, AdamW, LARS or LARC)
 over one parameter group with the method's weight decay, so the comparison is about the method, not the optimizer.
@@ -54,7 +56,7 @@ import lightly
 import numpy as np
 import timm
 import torch
-from lightly.loss import BarlowTwinsLoss, DINOLoss, NTXentLoss, SwaVLoss
+from lightly.loss import BarlowTwinsLoss, DINOLoss, IBOTPatchLoss, NTXentLoss, SwaVLoss
 from lightly.models.modules import (
     BYOLPredictionHead,
     BYOLProjectionHead,
@@ -74,6 +76,7 @@ from lightly_baselines import (
     cosine,
     lightly_byol,
     lightly_dino,
+    lightly_ibot,
     lightly_mae,
     lightly_moco,
     lightly_simsiam,
@@ -135,7 +138,7 @@ def setup_of(model: SSLForPreTraining, lr: float, options: Options) -> Setup:
 def encoder_kwargs(model: SSLForPreTraining, trained: bool = True) -> dict:
     """Extra timm options of the encoder: DINO's ViTs take several crop sizes, and its student uses drop path."""
     method = model.method
-    if method.name != "dino" or not is_vision_transformer(method.student.timm_model):
+    if method.name not in ("dino", "ibot") or not is_vision_transformer(method.student.timm_model):
         return {}
     return {"dynamic_img_size": True, **({"drop_path_rate": method.hparams.drop_path_rate} if trained else {})}
 
@@ -249,6 +252,32 @@ def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> 
     momentum = cosine(hp.momentum_teacher)
     setup = setup_of(model, lr, options)
     return lightly_dino((student, teacher), (student_head, teacher_head), criterion, momentum, setup, hp.clip_grad)
+
+
+def lightly_ibot_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's iBOT example on the preset's ViT and head sizes: ``DINOLoss`` + ``IBOTPatchLoss`` with the
+    method's temperatures, a shared head, EMA of the teacher and its head."""
+    hp = model.method.hparams
+    student, teacher = timm_model(model), timm_model(model, trained=False)
+    teacher.load_state_dict(student.state_dict())
+    head_sizes = (student.num_features, hp.hidden_dim, hp.bottleneck_dim, hp.out_dim)
+    student_head = DINOProjectionHead(
+        *head_sizes, freeze_last_layer=hp.freeze_last_layer, norm_last_layer=hp.norm_last_layer
+    )
+    teacher_head = DINOProjectionHead(*head_sizes)
+    teacher_head.load_state_dict(student_head.state_dict())
+    cls_loss = DINOLoss(
+        output_dim=hp.out_dim,
+        warmup_teacher_temp=hp.warmup_teacher_temp,
+        teacher_temp=hp.teacher_temp,
+        warmup_teacher_temp_epochs=hp.warmup_teacher_temp_epochs,
+        student_temp=hp.student_temp,
+        center_momentum=hp.center_momentum,
+    )
+    patch_loss = IBOTPatchLoss(hp.out_dim, hp.teacher_patch_temp, hp.student_temp, center_momentum=0.9)
+    setup = setup_of(model, lr, options)
+    return lightly_ibot((student, teacher), (student_head, teacher_head), (cls_loss, patch_loss),
+                        cosine(hp.momentum_teacher), setup, hp.clip_grad)  # fmt: skip
 
 
 def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
@@ -377,6 +406,27 @@ METHODS: dict[str, Bench] = {
     # lightly's SimMIM (MaskedVisionTransformerTIMM) needs a timm VisionTransformer, not the BEiT-style encoder
     # SimMIM releases: a lightly row would time another backbone, so the bound only
     "simmim": Bench(("simmim_vit_tiny_patch4_32px", {}, 128), ("simmim_vit_base_patch16_224", {}, 64), all_views, None),
+    # BEiT's second view is the tokenizer's: the bound is the ViT on the first (the frozen tokenizer is extra work)
+    "beit": Bench(
+        ("beit_vit_tiny_patch4_32px", {"tokenizer_path": "random"}, 128),
+        ("beit_base_patch16_224", {"tokenizer_path": "random"}, 64),
+        lambda views: (views[:1], []),
+        None,
+    ),
+    "ibot": Bench(
+        ("ibot_vit_tiny_patch4_32px", {"out_dim": 4096, "patch_out_dim": 4096}, 64),
+        ("ibot_vit_small_patch16_224", {}, 32),
+        lambda views: (views, views[:2]),  # all crops; the 2 global crops through the teacher
+        lightly_ibot_step,
+    ),
+    # ConvMAE's, DeepMIM's and LocalMIM's encoders see 25 % of the tokens: their ratio to the full-view bound can be < 1
+    "convmae": Bench(("convmae_convvit_tiny_32px", {}, 128), ("convmae_convvit_base_patch16", {}, 64), all_views, None),
+    "deepmim": Bench(
+        ("deepmim_vit_tiny_patch4_32px", {}, 128), ("deepmim_vit_base_patch16_224", {}, 64), all_views, None
+    ),
+    "localmim": Bench(
+        ("localmim_vit_tiny_patch4_32px", {}, 128), ("localmim_vit_base_patch16_224", {}, 64), all_views, None
+    ),
 }
 # Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).
 BANK_ROWS = 50_000

@@ -243,6 +243,53 @@ def lightly_dino(
     return setup.step(networks, forward, before_optimizer_step, after_optimizer_step)
 
 
+def lightly_ibot(
+    vits: tuple[nn.Module, nn.Module],
+    heads: tuple[nn.Module, nn.Module],
+    losses: tuple[nn.Module, nn.Module],
+    momentum: Momentum,
+    setup: Setup,
+    clip_grad: float | None = None,
+) -> Step:
+    """lightly's iBOT (``examples/pytorch/ibot.py``): ``MaskedVisionTransformerTIMM`` student (with a mask token) and
+    teacher (``vits``, student first), one ``DINOProjectionHead`` per network for class and patch tokens (``heads``),
+    ``DINOLoss`` on the class tokens and ``IBOTPatchLoss`` on the masked patches of the global crops (``losses``);
+    ``random_block_mask`` masks half of the global crops (ratio 0.1 - 0.5), one forward per crop."""
+    student = MaskedVisionTransformerTIMM(vit=vits[0], mask_token=nn.Parameter(torch.zeros(1, 1, vits[0].embed_dim)))
+    teacher = MaskedVisionTransformerTIMM(vit=vits[1])
+    lightly_utils.deactivate_requires_grad(teacher)
+    lightly_utils.deactivate_requires_grad(heads[1])
+    cls_loss, patch_loss = losses
+    grid = vits[0].patch_embed.grid_size
+
+    def forward(views, progress):
+        global_crops = torch.cat(views[:2])
+        mask = lightly_utils.random_block_mask((global_crops.shape[0], *grid), device=global_crops.device)
+        with torch.no_grad():
+            tokens = teacher.encode(global_crops)
+            teacher_cls = heads[1](tokens[:, 0]).chunk(2)
+            teacher_patches = heads[1](tokens[:, 1:][mask.flatten(1)])
+        with_class_token = F.pad(mask.flatten(1), (1, 0))  # lightly's mask covers the class token too
+        tokens = student.encode(global_crops, mask=with_class_token)
+        student_cls = [*heads[0](tokens[:, 0]).chunk(2), *(heads[0](student.encode(v)[:, 0]) for v in views[2:])]
+        student_patches = heads[0](tokens[:, 1:][mask.flatten(1)])
+        return cls_loss(list(teacher_cls), student_cls, epoch=progress.epoch) + patch_loss(
+            teacher_patches, student_patches, mask
+        )
+
+    def before_optimizer_step(progress):
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_([*student.parameters(), *heads[0].parameters()], clip_grad)
+        heads[0].cancel_last_layer_gradients(progress.epoch)
+
+    def after_optimizer_step(progress):
+        lightly_utils.update_momentum(student, teacher, m=momentum(progress))
+        lightly_utils.update_momentum(heads[0], heads[1], m=momentum(progress))
+
+    networks = {"student": student, "teacher": teacher, "heads": nn.ModuleList(heads), "losses": nn.ModuleList(losses)}
+    return setup.step(networks, forward, before_optimizer_step, after_optimizer_step)
+
+
 def lightly_swav(
     backbone: nn.Module,
     projector: nn.Module,
