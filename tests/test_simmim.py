@@ -249,3 +249,22 @@ def test_card_names_the_timm_arguments_its_weights_load_into():
     assert "use_shared_rel_pos_bias=True" in call and "init_values=0.1" in call
     rebuilt = eval(call, {"timm": timm})  # noqa: S307 - the card's own code line
     rebuilt.load_state_dict(sslhub.to_timm(model).state_dict())
+
+
+def test_export_transformers_writes_the_encoder_as_a_beit_model(tmp_path):
+    import transformers
+
+    from sslhub.export import export_transformers
+
+    torch.manual_seed(0)
+    model = sslhub.create_model("simmim_vit_tiny_patch4_32px", backbone_kwargs={**SIMMIM_VIT, "img_size": 32,
+                                "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}).eval()  # fmt: skip
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # layer scale and zero biases become non-trivial
+    export_transformers(model, tmp_path / "hf")
+    hf_model = transformers.BeitModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    assert hf_model.config.use_shared_relative_position_bias and not hf_model.config.use_absolute_position_embeddings
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert relative_error(hf_model(images).last_hidden_state, model(images).last_hidden_state) < 1e-4

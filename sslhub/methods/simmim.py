@@ -44,7 +44,7 @@ from torch import nn
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, prefixed
 from sslhub.conversion.loading import CheckpointError
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
+from sslhub.methods.base import ExportTargets, MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 from sslhub.transforms import BILINEAR, ViewRecipe, Views, crop, flip, view
@@ -175,6 +175,7 @@ class SimMIM(SSLMethod):
     # The paper evaluates by fine-tuning (simmim_finetune__vit_base__img224__800ep.yaml); it gives no linear recipe.
     linear_recipe = LinearRecipe("sslhub linear protocol (SimMIM publishes fine-tuning only)", 0.1, 90, 256)
     checkpoint_layouts = (CheckpointLayout("simmim", _is_simmim, convert_simmim),)
+    export_targets = ExportTargets(encoder="BeitModel")
     tiny_preset = "simmim_vit_tiny_patch4_32px"
     tiny_overrides = {"backbone_kwargs": {**SIMMIM_VIT, "img_size": 32, "patch_size": 4, "embed_dim": 32,
                                           "depth": 2, "num_heads": 2}}  # fmt: skip
