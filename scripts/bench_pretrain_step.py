@@ -227,19 +227,17 @@ def lightly_moco_step(model: SSLForPreTraining, lr: float, options: Options) -> 
     return lightly_moco(backbone, projector, criterion, constant(hp.momentum), setup_of(model, lr, options))
 
 
-def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
-    """lightly's DINO example: student / teacher (+ ``DINOProjectionHead``), ``DINOLoss``, EMA of the teacher."""
+def lightly_dino_parts(model: SSLForPreTraining, batch_norm: bool):
+    """Student / teacher ViTs and ``DINOProjectionHead``s of the preset's sizes (the teacher a copy, frozen later) and
+    ``DINOLoss`` with the method's temperatures: what lightly's DINO and iBOT examples share."""
     hp = model.method.hparams
     student, teacher = timm_model(model), timm_model(model, trained=False)
     teacher.load_state_dict(student.state_dict())
     head_sizes = (student.num_features, hp.hidden_dim, hp.bottleneck_dim, hp.out_dim)
     student_head = DINOProjectionHead(
-        *head_sizes,
-        batch_norm=hp.use_bn_in_head,
-        freeze_last_layer=hp.freeze_last_layer,
-        norm_last_layer=hp.norm_last_layer,
+        *head_sizes, batch_norm=batch_norm, freeze_last_layer=hp.freeze_last_layer, norm_last_layer=hp.norm_last_layer
     )
-    teacher_head = DINOProjectionHead(*head_sizes, batch_norm=hp.use_bn_in_head)
+    teacher_head = DINOProjectionHead(*head_sizes, batch_norm=batch_norm)
     teacher_head.load_state_dict(student_head.state_dict())
     criterion = DINOLoss(
         output_dim=hp.out_dim,
@@ -249,35 +247,25 @@ def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> 
         student_temp=hp.student_temp,
         center_momentum=hp.center_momentum,
     )
-    momentum = cosine(hp.momentum_teacher)
+    return (student, teacher), (student_head, teacher_head), criterion
+
+
+def lightly_dino_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
+    """lightly's DINO example: student / teacher (+ ``DINOProjectionHead``), ``DINOLoss``, EMA of the teacher."""
+    hp = model.method.hparams
+    backbones, heads, criterion = lightly_dino_parts(model, hp.use_bn_in_head)
     setup = setup_of(model, lr, options)
-    return lightly_dino((student, teacher), (student_head, teacher_head), criterion, momentum, setup, hp.clip_grad)
+    return lightly_dino(backbones, heads, criterion, cosine(hp.momentum_teacher), setup, hp.clip_grad)
 
 
 def lightly_ibot_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
     """lightly's iBOT example on the preset's ViT and head sizes: ``DINOLoss`` + ``IBOTPatchLoss`` with the
     method's temperatures, a shared head, EMA of the teacher and its head."""
     hp = model.method.hparams
-    student, teacher = timm_model(model), timm_model(model, trained=False)
-    teacher.load_state_dict(student.state_dict())
-    head_sizes = (student.num_features, hp.hidden_dim, hp.bottleneck_dim, hp.out_dim)
-    student_head = DINOProjectionHead(
-        *head_sizes, freeze_last_layer=hp.freeze_last_layer, norm_last_layer=hp.norm_last_layer
-    )
-    teacher_head = DINOProjectionHead(*head_sizes)
-    teacher_head.load_state_dict(student_head.state_dict())
-    cls_loss = DINOLoss(
-        output_dim=hp.out_dim,
-        warmup_teacher_temp=hp.warmup_teacher_temp,
-        teacher_temp=hp.teacher_temp,
-        warmup_teacher_temp_epochs=hp.warmup_teacher_temp_epochs,
-        student_temp=hp.student_temp,
-        center_momentum=hp.center_momentum,
-    )
+    backbones, heads, cls_loss = lightly_dino_parts(model, batch_norm=False)
     patch_loss = IBOTPatchLoss(hp.out_dim, hp.teacher_patch_temp, hp.student_temp, center_momentum=0.9)
     setup = setup_of(model, lr, options)
-    return lightly_ibot((student, teacher), (student_head, teacher_head), (cls_loss, patch_loss),
-                        cosine(hp.momentum_teacher), setup, hp.clip_grad)  # fmt: skip
+    return lightly_ibot(backbones, heads, (cls_loss, patch_loss), cosine(hp.momentum_teacher), setup, hp.clip_grad)
 
 
 def lightly_mae_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
