@@ -458,21 +458,14 @@ def dinov2_from_transformers(state_dict: Mapping[str, torch.Tensor], config: Pre
 # table shared by the blocks; the final norm is the top-level ``layernorm`` of both classes (a ``BeitModel`` with
 # ``use_mean_pooling=False``, and the masked-image-modelling head's own norm).
 BEIT_EMBEDDINGS: tuple[Row, ...] = (
-    ("cls_token", ("embeddings.cls_token",)),
-    ("pos_embed", ("embeddings.position_embeddings",)),
-    ("patch_embed.proj", ("embeddings.patch_embeddings.projection",)),
+    *(row for row in VIT_EMBEDDINGS if row[0] != "norm"),
     ("rel_pos_bias.relative_position_bias_table", ("encoder.relative_position_bias.relative_position_bias_table",)),
 )
 BEIT_BLOCK: tuple[Row, ...] = (
-    ("norm1", ("layernorm_before",)),
-    ("attn.qkv", _QKV),
+    *VIT_BLOCK,
     ("attn.q_bias", ("attention.attention.query.bias",)),
     ("attn.v_bias", ("attention.attention.value.bias",)),
-    ("attn.proj", ("attention.output.dense",)),
     ("gamma_1", ("lambda_1",)),
-    ("norm2", ("layernorm_after",)),
-    ("mlp.fc1", ("intermediate.dense",)),
-    ("mlp.fc2", ("output.dense",)),
     ("gamma_2", ("lambda_2",)),
 )
 BEIT = Layout(
