@@ -1,7 +1,7 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
 For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, iBOT, InstDisc,
-InvaSpread, CMC, CPC v2, SimMIM, BEiT, ConvMAE, DeepMIM; lightly has no step for the last eight) the script
+InvaSpread, CMC, CPC v2, SimMIM, BEiT, ConvMAE, DeepMIM, LocalMIM; lightly has no step for the last nine) the script
 reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
 after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
 image of the preset's size.
@@ -411,6 +411,9 @@ METHODS: dict[str, Bench] = {
     "convmae": Bench(("convmae_convvit_tiny_32px", {}, 128), ("convmae_convvit_base_patch16", {}, 64), all_views, None),
     "deepmim": Bench(
         ("deepmim_vit_tiny_patch4_32px", {}, 128), ("deepmim_vit_base_patch16_224", {}, 64), all_views, None
+    ),
+    "localmim": Bench(
+        ("localmim_vit_tiny_patch4_32px", {}, 128), ("localmim_vit_base_patch16_224", {}, 64), all_views, None
     ),
 }
 # Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).

@@ -25,7 +25,6 @@ encoder only; its CLIP-feature decoders are left out.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +33,10 @@ from torch import nn
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, leftover_entries
 from sslhub.conversion.loading import CheckpointError
-from sslhub.heads import MAEDecoder
 from sslhub.losses import masked_patch_mse
 from sslhub.masking import patchify
 from sslhub.methods.base import ExportTargets, MethodOutput, hparam
-from sslhub.methods.mae import MAE, MAEHparams, visible_tokens
+from sslhub.methods.mae import MAE, MAEHparams, finetune_only_linear_recipe, visible_tokens
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 
 
@@ -106,10 +104,7 @@ class DeepMIM(MAE):
         "  booktitle={WACV},\n  pages={879--888},\n  year={2025}\n}"
     )
     released = "encoder (ViT without the decoders)"
-    # The authors publish fine-tuning only; their code base is MAE's, whose linear probe is kept.
-    linear_recipe = dataclasses.replace(
-        MAE.linear_recipe, source="facebookresearch/mae main_linprobe.py (DeepMIM publishes fine-tuning only)"
-    )
+    linear_recipe = finetune_only_linear_recipe("DeepMIM")
     checkpoint_layouts = (CheckpointLayout("deepmim", _is_deepmim, convert_deepmim),)
     export_targets = ExportTargets(encoder="ViTMAEModel")
     tiny_preset = "deepmim_vit_tiny_patch4_32px"
@@ -129,18 +124,7 @@ class DeepMIM(MAE):
                 f"deep_supervision_blocks {list(self.supervised_blocks)} must lie before the last of the "
                 f"{len(vit.blocks)} blocks (its output, after the norm, has the main decoder)"
             )
-        self.deep_decoders = nn.ModuleList(self._pixel_decoder() for _ in self.supervised_blocks)
-
-    def _pixel_decoder(self) -> MAEDecoder:
-        vit, hp = self.encoder.backbone, self.hparams
-        return MAEDecoder(
-            vit.patch_embed.grid_size,
-            self.patch_size,
-            vit.embed_dim,
-            embed_dim=hp.decoder_embed_dim,
-            depth=hp.decoder_depth,
-            num_heads=hp.decoder_num_heads,
-        )
+        self.deep_decoders = nn.ModuleList(self.pixel_decoder() for _ in self.supervised_blocks)
 
     def encode_supervised(self, images: torch.Tensor, noise: torch.Tensor | None = None):
         """``forward_encoder``: the raw outputs of the supervised blocks, then the final-norm output of the last block.

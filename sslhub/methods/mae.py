@@ -6,6 +6,7 @@ Follows facebookresearch/mae (``models_mae.py``, ``main_pretrain.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -154,14 +155,22 @@ class MAE(SSLMethod):
 
     def __init__(self, config):
         super().__init__(config)
-        hp = self.hparams
+        self.build_vit_encoder(config)
+        self.decoder = self.pixel_decoder()
+
+    def build_vit_encoder(self, config) -> None:
+        """``self.encoder``: the ViT (with a class token) that sees the visible patches, MAE's init; ``patch_size``."""
         self.encoder = self.build_encoder(config)
         vit = self.encoder.backbone
         if not is_vision_transformer(vit) or getattr(vit, "cls_token", None) is None:
-            raise ValueError(f"MAE needs a ViT backbone with a class token, got {config.backbone!r}")
+            raise ValueError(f"{type(self).__name__} needs a ViT backbone with a class token, got {config.backbone!r}")
         init_mae_encoder(vit)
         self.patch_size = vit.patch_embed.patch_size[0]
-        self.decoder = MAEDecoder(
+
+    def pixel_decoder(self) -> MAEDecoder:
+        """A decoder of ``hparams``' size from the encoder's tokens to the patches' pixels."""
+        vit, hp = self.encoder.backbone, self.hparams
+        return MAEDecoder(
             vit.patch_embed.grid_size,
             self.patch_size,
             vit.embed_dim,
@@ -197,8 +206,16 @@ class MAE(SSLMethod):
         return MethodOutput(loss)
 
 
+def finetune_only_linear_recipe(method: str) -> LinearRecipe:
+    """MAE's linear probe, for a method on MAE's code base whose authors publish fine-tuning only."""
+    return dataclasses.replace(
+        MAE.linear_recipe, source=f"facebookresearch/mae main_linprobe.py ({method} publishes fine-tuning only)"
+    )
+
+
 for _arch in ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"):
     register_preset(Preset(f"mae_{_arch}", "mae", _arch, description=f"MAE on a timm {_arch}"))
+
 
 register_preset(
     Preset(
