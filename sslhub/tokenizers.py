@@ -42,9 +42,9 @@ from sslhub.conversion.loading import (
     SAFE_GLOBALS,
     CheckpointError,
     StandIn,
-    _checkpoint_globals,
-    _load_with_stand_ins,
+    checkpoint_globals,
     load_file_state,
+    load_with_stand_ins,
 )
 
 LOGIT_LAPLACE_EPS = 0.1  # dall_e/utils.py logit_laplace_eps
@@ -186,7 +186,7 @@ def read_dalle_encoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (all read as inert stand-ins); anything else is refused."""
     path = Path(path)
     try:
-        names = {f"{module}.{name}" for module, name in _checkpoint_globals(path)}
+        names = {f"{module}.{name}" for module, name in checkpoint_globals(path)}
     except (pickle.UnpicklingError, ValueError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({err})") from err
     allowed = set(torch._weights_only_unpickler._get_allowed_globals()) | {
@@ -199,7 +199,7 @@ def read_dalle_encoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: the pickle names {', '.join(refused[:10])}, which is neither a tensor type nor "
             "a class of DALL-E's encoder; sslhub never runs code from a tokenizer file"
         )
-    encoder = _load_with_stand_ins(path, stand_ins)
+    encoder = load_with_stand_ins(path, stand_ins)
     if not isinstance(encoder, StandIn) or encoder.stands_for != DALLE_CLASSES[0]:
         found = encoder.stands_for if isinstance(encoder, StandIn) else type(encoder).__name__
         raise CheckpointError(f"{path}: expected a pickled {DALLE_CLASSES[0]} (DALL-E's encoder.pkl), got {found}")
@@ -218,7 +218,7 @@ def load_tokenizer_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file_state(path)
     try:
-        modules = {module for module, _ in _checkpoint_globals(path)}
+        modules = {module for module, _ in checkpoint_globals(path)}
     except (pickle.UnpicklingError, ValueError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({err})") from err
     return read_dalle_encoder(path) if any(m.split(".")[0] == "dall_e" for m in modules) else load_file_state(path)

@@ -47,7 +47,7 @@ def load_file_state(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as err:
         unknown = _unknown_classes(path)  # refuses a file that names real code
         if unknown:
-            return _load_with_stand_ins(path, unknown)
+            return load_with_stand_ins(path, unknown)
         reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
         if reason is None:  # a corrupt pickle stream, not a refused type
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from err
@@ -105,7 +105,7 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def _checkpoint_globals(path: Path) -> set[tuple[str, str]]:
+def checkpoint_globals(path: Path) -> set[tuple[str, str]]:
     """Every global a PyTorch file names: ``<archive>/data.pkl`` of the zip format, or the pickles of the legacy
     format (magic number, protocol, system info, the object; then raw storage bytes, not read)."""
     if zipfile.is_zipfile(path):
@@ -145,7 +145,7 @@ def _unknown_classes(path: Path) -> list[str]:
         f"{item.__module__}.{item.__qualname__}" for item in SAFE_GLOBALS
     }
     try:
-        names = _checkpoint_globals(path)
+        names = checkpoint_globals(path)
     except (pickle.UnpicklingError, ValueError, EOFError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
     unknown = sorted(f"{module}.{name}" for module, name in names if f"{module}.{name}" not in allowed)
@@ -163,7 +163,7 @@ def _stand_ins(names: list[str]) -> dict[str, type]:
     return {name: type(name.rsplit(".", 1)[-1], (StandIn,), {"stands_for": name}) for name in names}
 
 
-def _load_with_stand_ins(path: Path, names: list[str]):
+def load_with_stand_ins(path: Path, names: list[str]):
     """The object in ``path`` with stand-ins for the classes ``names``: the zip format through
     ``torch.load(weights_only=True)`` with the stand-ins registered by name; the legacy format through
     :class:`_LegacyReader` (torch's weights-only reader refuses the legacy format's pickled ``nn.Module`` classes,
