@@ -407,7 +407,7 @@ METHODS: dict[str, Bench] = {
         lambda views: (views, views[:2]),  # all crops; the 2 global crops through the teacher
         lightly_ibot_step,
     ),
-    # ConvMAE's and DeepMIM's encoders see 25 % of the tokens: their ratio to the full-view bound can be < 1
+    # ConvMAE's, DeepMIM's and LocalMIM's encoders see 25 % of the tokens: their ratio to the full-view bound can be < 1
     "convmae": Bench(("convmae_convvit_tiny_32px", {}, 128), ("convmae_convvit_base_patch16", {}, 64), all_views, None),
     "deepmim": Bench(
         ("deepmim_vit_tiny_patch4_32px", {}, 128), ("deepmim_vit_base_patch16_224", {}, 64), all_views, None

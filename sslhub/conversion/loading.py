@@ -107,7 +107,17 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 def checkpoint_globals(path: Path) -> set[tuple[str, str]]:
     """Every global a PyTorch file names: ``<archive>/data.pkl`` of the zip format, or the pickles of the legacy
-    format (magic number, protocol, system info, the object; then raw storage bytes, not read)."""
+    format (magic number, protocol, system info, the object; then raw storage bytes, not read). A file that is not
+    such a pickle raises a ``CheckpointError`` naming it."""
+    try:
+        return _globals_in(path)
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, ValueError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+
+
+def _globals_in(path: Path) -> set[tuple[str, str]]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -144,10 +154,7 @@ def _unknown_classes(path: Path) -> list[str]:
     allowed = set(torch._weights_only_unpickler._get_allowed_globals()) | {
         f"{item.__module__}.{item.__qualname__}" for item in SAFE_GLOBALS
     }
-    try:
-        names = checkpoint_globals(path)
-    except (pickle.UnpicklingError, ValueError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    names = checkpoint_globals(path)
     unknown = sorted(f"{module}.{name}" for module, name in names if f"{module}.{name}" not in allowed)
     real = [full for full in unknown if _is_available(*full.rsplit(".", 1))]
     if real:
