@@ -65,6 +65,12 @@ def crop(size: int, scale: tuple[float, float] = (0.08, 1.0), interpolation=BILI
     return v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interpolation)
 
 
+def padded_crop(size: int, padding: int) -> v2.Compose:
+    """The CIFAR recipe's crop: a random ``size`` px crop of the image zero-padded by ``padding`` px on each side
+    (``RandomCrop(32, padding=4)``), after resizing the short side to ``size`` (identity on 32 px CIFAR images)."""
+    return v2.Compose([v2.Resize(size), v2.RandomCrop(size, padding=padding)])
+
+
 def flip(p: float = 0.5) -> v2.Transform:
     return v2.RandomHorizontalFlip(p)
 
@@ -187,6 +193,48 @@ def asymmetric_pair(
         )
         for i in range(2)
     ]
+
+
+class CropWithBox:
+    """A random resized crop, then a horizontal flip with probability ``flip_p``, that also returns where the view
+    lies in the image: ``(x0, y0, x1, y1)``, the view's first and last pixel column / row divided by the image's
+    width - 1 / height - 1, x0 and x1 swapped when flipped (x then runs along the view's columns). PixPro's
+    ``RandomResizedCropCoord`` + ``RandomHorizontalFlipCoord`` (arXiv 2011.10043, ``transform_coord.py``)."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), interpolation=BILINEAR, flip_p=0.5):
+        self.crop, self.flip_p = v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interpolation), flip_p
+
+    def __call__(self, image) -> tuple[Any, torch.Tensor]:
+        top, left, height, width = self.crop.get_params(image, list(self.crop.scale), list(self.crop.ratio))
+        image_height, image_width = v2.functional.get_size(image)
+        right, bottom = left + width - 1, top + height - 1
+        box = torch.tensor([left, top, right, bottom]) / torch.tensor([image_width - 1, image_height - 1] * 2)
+        view = v2.functional.resized_crop(image, top, left, height, width, self.crop.size, self.crop.interpolation)
+        if torch.rand(()) < self.flip_p:
+            view, box = v2.functional.horizontal_flip(view), box[[2, 1, 0, 3]]
+        return view, box
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop}, flip_p={self.flip_p})"
+
+
+class BoxedViews(ViewRecipe):
+    """One view per ``(geometric, photometric)`` pair: ``geometric(image) -> (view, box)`` (``CropWithBox``), then
+    ``photometric(view)`` -> tensor; ``extras["boxes"]`` holds the (n_views, 4) boxes, collated to (B, n_views, 4)."""
+
+    def __init__(self, pairs: Sequence[tuple[Callable, Callable]]):
+        self.pairs = list(pairs)
+
+    def make_views(self, image) -> Views:
+        views, boxes = [], []
+        for geometric, photometric in self.pairs:
+            view, box = geometric(image)
+            views.append(photometric(view))
+            boxes.append(box)
+        return Views(views, {"boxes": torch.stack(boxes)})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pairs})"
 
 
 def eval_transform(
