@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from sslhub.conversion.loading import (
-    SAFE_GLOBALS,
     CheckpointError,
     StandIn,
+    allowed_globals,
     checkpoint_globals,
     load_file_state,
     load_with_stand_ins,
@@ -185,10 +185,7 @@ def read_dalle_encoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (all read as inert stand-ins); anything else is refused."""
     path = Path(path)
     names = {f"{module}.{name}" for module, name in checkpoint_globals(path)}
-    allowed = set(torch._weights_only_unpickler._get_allowed_globals()) | {
-        f"{item.__module__}.{item.__qualname__}" for item in SAFE_GLOBALS
-    }
-    stand_ins = sorted(names - allowed)
+    stand_ins = sorted(names - allowed_globals().keys())
     refused = [name for name in stand_ins if name not in DALLE_CLASSES + TORCH_MODULE_CLASSES]
     if refused:
         raise CheckpointError(

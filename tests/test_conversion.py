@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -410,6 +411,25 @@ def test_a_file_that_needs_code_is_refused(tmp_path):
     torch.save({"model": NotWeights()}, path)
     with pytest.raises(CheckpointError, match="refused to load"):
         convert_checkpoint("mae_vit_tiny_patch4_32px", path)
+
+
+class CallsSystem:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo never run",))
+
+
+def test_numpy_arrays_load_but_an_object_array_that_calls_code_is_refused(tmp_path):
+    """mmengine files keep numpy arrays (and numpy 2 pickles dtype classes): plain arrays and scalars load; an object
+    array's elements are still globals of the file, so one naming ``os.system`` is refused."""
+    path = tmp_path / "arrays.pth"
+    torch.save({"loss": np.arange(3.0), "ids": np.arange(4, dtype=np.int32), "lr": np.float64(0.1)}, path)
+    loaded = load_file_state(path)
+    assert np.array_equal(loaded["loss"], np.arange(3.0)) and loaded["ids"].dtype == np.int32 and loaded["lr"] == 0.1
+    torch.save({"x": np.array([CallsSystem()], dtype=object)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"refused to load.*system"):
+        load_file_state(tmp_path / "evil.pth")
 
 
 def test_wrong_model_for_the_file_lists_every_wrong_shape_and_writes_nothing(tmp_path, vit_small_state, capsys):

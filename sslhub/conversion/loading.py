@@ -15,11 +15,25 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
-# DINO's and MAE's full checkpoints store their argparse arguments (``{'args': Namespace(...)}``).
-SAFE_GLOBALS = [argparse.Namespace]
+# Classes and functions a foreign checkpoint may name beyond torch's weights-only allow-list, by the name its pickle
+# uses: DINO's and MAE's full checkpoints store their argparse arguments (``{'args': Namespace(...)}``); mmengine
+# checkpoints (MMSelfSup) keep numpy arrays in their message hub (``HistoryBuffer``), rebuilt by numpy's own
+# reconstruction functions under the names numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) pickle them with.
+_NUMPY_RECONSTRUCT, _NUMPY_SCALAR = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
+SAFE_GLOBALS: dict[str, object] = {
+    "argparse.Namespace": argparse.Namespace,
+    **{f"numpy.{core}.multiarray._reconstruct": _NUMPY_RECONSTRUCT for core in ("core", "_core")},
+    **{f"numpy.{core}.multiarray.scalar": _NUMPY_SCALAR for core in ("core", "_core")},
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    # numpy 2's concrete dtype classes (``numpy.dtypes.Float64DType``...), which torch's reader checks; no object arrays
+    **{f"numpy.dtypes.{name}": getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")},
+}
+del SAFE_GLOBALS["numpy.dtypes.ObjectDType"]
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -27,12 +41,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted; the message names the file and what is wrong."""
 
 
+def allowed_globals() -> dict[str, object]:
+    """Every global a checkpoint may name, by full name: torch's weights-only allow-list and ``SAFE_GLOBALS``."""
+    return {**torch._weights_only_unpickler._get_allowed_globals(), **SAFE_GLOBALS}
+
+
+def _weights_only_globals(extra: dict[str, object] | None = None):
+    """``torch.serialization.safe_globals`` for ``SAFE_GLOBALS`` and ``extra`` (stand-ins), under their names."""
+    return torch.serialization.safe_globals([(item, name) for name, item in {**SAFE_GLOBALS, **(extra or {})}.items()])
+
+
 def load_file_state(path: str | os.PathLike) -> dict:
     """The object stored in a checkpoint file: a ``.safetensors`` file, or a PyTorch file read with
-    ``torch.load(weights_only=True)`` (only tensors, containers, numbers, strings and ``argparse.Namespace``).
-    A file that stores objects of classes absent here (the authors' own, e.g. a pickled ``lib.NCEAverage``) gets
-    inert :class:`StandIn` objects in their place; a file that names any real function or class beyond that
-    allow-list (``os.system``, ``builtins.eval``...) is refused."""
+    ``torch.load(weights_only=True)`` (only tensors, containers, numbers, strings and ``SAFE_GLOBALS``:
+    ``argparse.Namespace``, numpy arrays). A file that stores objects of classes absent here (the authors' own, e.g. a
+    pickled ``lib.NCEAverage``) gets inert :class:`StandIn` objects in their place; a file that names any real
+    function or class beyond that allow-list (``os.system``, ``builtins.eval``...) is refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
@@ -42,7 +66,7 @@ def load_file_state(path: str | os.PathLike) -> dict:
         except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with _weights_only_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unknown = _unknown_classes(path)  # refuses a file that names real code
@@ -151,9 +175,7 @@ def _is_available(module: str, name: str) -> bool:
 def _unknown_classes(path: Path) -> list[str]:
     """The globals of ``path`` beyond torch's weights-only allow-list, if all of them name modules that do not
     exist here (classes the file merely stores); a file that names any real function or class is refused."""
-    allowed = set(torch._weights_only_unpickler._get_allowed_globals()) | {
-        f"{item.__module__}.{item.__qualname__}" for item in SAFE_GLOBALS
-    }
+    allowed = allowed_globals()
     names = checkpoint_globals(path)
     unknown = sorted(f"{module}.{name}" for module, name in names if f"{module}.{name}" not in allowed)
     real = [full for full in unknown if _is_available(*full.rsplit(".", 1))]
@@ -178,7 +200,7 @@ def load_with_stand_ins(path: Path, names: list[str]):
     stand_ins = _stand_ins(names)
     try:
         if zipfile.is_zipfile(path):
-            with torch.serialization.safe_globals([*SAFE_GLOBALS, *((cls, name) for name, cls in stand_ins.items())]):
+            with _weights_only_globals(stand_ins):
                 return torch.load(path, map_location="cpu", weights_only=True)
         with open(path, "rb") as stream:
             return _LegacyReader(stream, stand_ins).read()
@@ -207,8 +229,7 @@ class _LegacyReader(pickle.Unpickler):
     def __init__(self, stream, stand_ins: dict[str, type]):
         super().__init__(stream, encoding="utf-8")
         self.stream = stream
-        self.allowed = {**torch._weights_only_unpickler._get_allowed_globals(), **stand_ins}
-        self.allowed |= {f"{item.__module__}.{item.__qualname__}": item for item in SAFE_GLOBALS}
+        self.allowed = {**allowed_globals(), **stand_ins}
         self.storages: dict[str, torch.TypedStorage] = {}
 
     def find_class(self, module: str, name: str):
