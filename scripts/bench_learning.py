@@ -114,9 +114,9 @@ PRESETS = {
     "simsiam": "simsiam_resnet18_32px",
     "barlow_twins": "barlow_twins_resnet18_32px",
     "swav": "swav_resnet18_32px",
-    # lightly's benchmark has no InstDisc, InvaSpread, CPC, BEiT, iBOT, ConvMAE, DeepMIM, LocalMIM or PixPro, and its
-    # SimMIM needs a timm ViT, not the BEiT-style encoder: sslhub rows only. CMC is left out: Fashion-MNIST is grey, so
-    # the ab view of its L / ab split is zero (tests/test_cmc.py trains it on coloured digits).
+    # lightly's benchmark has none of the methods below, and its SimMIM needs a timm ViT, not the BEiT-style encoder:
+    # sslhub rows only. CMC is left out: Fashion-MNIST is grey, so the ab view of its L / ab split is zero
+    # (tests/test_cmc.py trains it on coloured digits).
     "instdisc": "instdisc_resnet18_32px",
     "invaspread": "invaspread_resnet18_32px",
     "cpc_v2": "cpc_v2_resnet18_32px",
@@ -127,6 +127,7 @@ PRESETS = {
     "deepmim": "deepmim_vit_tiny_patch4_32px",
     "localmim": "localmim_vit_tiny_patch4_32px",
     "pixpro": "pixpro_resnet18_32px",
+    "rotnet": "rotnet_resnet18_32px",
 }
 # Method hyperparameters every run of a method needs: BEiT's tokenizer file (a random frozen tokenizer here: the
 # DALL-E file cannot be downloaded offline).

@@ -7,6 +7,7 @@ import torch
 
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, preview
 from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.vissl import VISSL_TRUNK
 from sslhub.registry import list_layouts
 
 CLASSIFIER_PREFIXES = ("fc.", "head.")
@@ -25,7 +26,7 @@ def _is_state_dict(container) -> bool:
 
 
 BACKBONE = CheckpointLayout("backbone", _is_state_dict, convert_backbone)
-GENERIC_LAYOUTS = (BACKBONE,)
+GENERIC_LAYOUTS = (VISSL_TRUNK, BACKBONE)
 
 
 def all_layouts() -> dict[str, CheckpointLayout]:
