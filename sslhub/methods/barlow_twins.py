@@ -21,7 +21,7 @@ from sslhub.losses import redundancy_reduction
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BICUBIC, BILINEAR, MultiView, asymmetric_pair, crop, eval_transform
+from sslhub.transforms import BICUBIC, BILINEAR, MultiView, asymmetric_pair, crop
 
 
 @dataclass
@@ -137,6 +137,10 @@ class BarlowTwins(SSLMethod):
     tiny_preset = "barlow_twins_resnet18_32px"
     tiny_overrides = {"projector_dims": (64, 64, 64)}
 
+    # Evaluation: ``evaluate.py`` validation: bilinear resize of the short side to 256 (8/7 of the size; none at 64 px
+    # or less), centre crop, ImageNet normalisation.
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -144,16 +148,6 @@ class BarlowTwins(SSLMethod):
         dims = (self.encoder.num_features, *hp.projector_dims)
         self.projector = MLPHead(dims, batch_norm=True, bias=False)  # [Linear, BN, ReLU] x (n - 1), Linear
         self.bn = nn.BatchNorm1d(dims[-1], affine=False)
-
-    @property
-    def released_encoder(self):
-        return self.encoder
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``evaluate.py`` validation: bilinear resize of the short side to 256 (8/7 of the size; none at 64 px or
-        less), centre crop, ImageNet normalisation."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """``main.py`` ``Transform``: BYOL's asymmetric pair with bicubic random resized crops (scale 0.08-1), flip,

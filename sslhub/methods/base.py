@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from sslhub.arguments import option
 from sslhub.backbones import Encoder, TimmEncoder
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout
 from sslhub.probes import LinearRecipe
-from sslhub.transforms import ViewRecipe, eval_transform, normalize
+from sslhub.transforms import BICUBIC, ViewRecipe, eval_transform, normalize
 
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
@@ -160,6 +161,9 @@ class SSLMethod(nn.Module):
     citation: ClassVar[str] = ""
     released: ClassVar[str] = ""
     default_pooling: ClassVar[str | None] = None
+    # The resize of ``eval_transform``: timm's / DINO's bicubic, or torchvision's ``Resize(256)`` default (bilinear) of
+    # the authors' linear evaluation.
+    eval_interpolation: ClassVar[v2.InterpolationMode] = BICUBIC
     no_weight_decay: ClassVar[tuple[str, ...]] = ()  # parameter names AdamW does not decay (the authors' skip list)
     decay_norms_and_biases: ClassVar[bool] = False
     linear_recipe: ClassVar[LinearRecipe | None] = None
@@ -242,14 +246,18 @@ class SSLMethod(nn.Module):
         """The evaluation pre-processing of the released encoder: RGB PIL image -> input tensor (default: resize,
         centre crop, then ``input_transform``)."""
         return eval_transform(
-            config.image_size, config.image_mean, config.image_std, to_input=cls.input_transform(config)
-        )
+            config.image_size, config.image_mean, config.image_std, None, cls.eval_interpolation,
+            cls.input_transform(config),
+        )  # fmt: skip
 
     @property
     def released_encoder(self) -> Encoder:
         """The encoder the authors release (MoCo: query, DINO: teacher, MAE: encoder); same class and keys as
-        ``build_encoder(config)``."""
-        raise NotImplementedError
+        ``build_encoder(config)``. Default: the method's ``encoder``."""
+        encoder = getattr(self, "encoder", None)
+        if not isinstance(encoder, Encoder):
+            raise NotImplementedError(f"{type(self).__name__} has no `encoder`: it must say which encoder it releases")
+        return encoder
 
     # ---- data and objective ------------------------------------------------------------------------------------
     def view_recipe(self) -> ViewRecipe:

@@ -301,10 +301,6 @@ class BEiT(SSLMethod):
             trunc_normal_(token, std=std, a=-std, b=std)
         vit.fix_init_weight()
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     def auxiliary_networks(self):
         return {"tokenizer": self.tokenizer}
 

@@ -43,7 +43,7 @@ from sslhub.memory_bank import bind_banks, initial_bank, momentum_update, noise_
 from sslhub.methods.base import ExportTargets, MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, MultiView, crop, eval_transform, flip, lab_input
+from sslhub.transforms import BILINEAR, MultiView, crop, flip, lab_input
 
 OBJECTIVES = ("nce", "softmax")
 # train_CMC.py's Lab normalisation: the midpoint and half-range of L in [0, 100], a in [-86.183, 98.233] and b in
@@ -192,6 +192,10 @@ class CMC(SSLMethod):
     tiny_preset = "cmc_resnet18_32px"
     tiny_overrides = {"dim": 16, "nce_k": 8, "num_samples": 64}
 
+    # Evaluation: ``LinearProbing.py``'s validation pre-processing: bilinear resize of the short side to 256, centre
+    # crop 224, then Lab (images of 64 px or less are not cropped, as sslhub's default).
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -208,10 +212,6 @@ class CMC(SSLMethod):
     def build_encoder(cls, config, **backbone_overrides) -> LabBranchesEncoder:
         return LabBranchesEncoder(config.backbone, **{**config.backbone_kwargs, **backbone_overrides})
 
-    @property
-    def released_encoder(self) -> LabBranchesEncoder:
-        return self.encoder
-
     def bind_dataset(self, num_samples: int) -> None:
         """Allocate both banks for ``num_samples`` images (``sslhub.memory_bank.bind_banks``)."""
         bind_banks(self, num_samples, ["memory_l", "memory_ab"])
@@ -220,13 +220,6 @@ class CMC(SSLMethod):
     def input_transform(cls, config):
         """``RGB2Lab``, ``ToTensor``, ``Normalize`` with the config's (Lab) mean and std (``train_CMC.py``)."""
         return lab_input(config.image_mean, config.image_std)
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``LinearProbing.py``'s validation pre-processing: bilinear resize of the short side to 256, centre crop 224,
-        then Lab (images of 64 px or less are not cropped, as sslhub's default)."""
-        to_input = cls.input_transform(config)
-        return eval_transform(config.image_size, config.image_mean, config.image_std, None, BILINEAR, to_input)
 
     def view_recipe(self):
         """``train_CMC.py``'s transform: random resized crop (``crop_low``-1), horizontal flip, Lab, normalisation."""

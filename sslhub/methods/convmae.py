@@ -323,10 +323,6 @@ class ConvMAE(SSLMethod):
         kwargs = {**CONVVIT_ARCHITECTURES[config.backbone], **config.backbone_kwargs, **backbone_overrides}
         return ConvViTEncoder(**kwargs)
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     view_recipe = MAE.view_recipe  # main_pretrain.py's transform is MAE's
 
     def encode_visible(self, images: torch.Tensor, noise: torch.Tensor | None = None):

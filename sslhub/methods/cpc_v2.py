@@ -65,7 +65,7 @@ from sslhub.batch import Batch
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, register_method, register_preset
-from sslhub.transforms import BILINEAR, ViewRecipe, Views, eval_transform, normalize
+from sslhub.transforms import BILINEAR, ViewRecipe, Views, normalize
 
 # timm's GroupNorm(1, C): normalises each patch's map over channels and space, the layer norm of a conv map
 LAYER_NORM = {"norm_layer": "groupnorm1"}
@@ -309,6 +309,10 @@ class CPCv2(SSLMethod):
     tiny_preset = "cpc_v2_resnet18_32px"
     tiny_overrides = {"backbone": "test_resnet", "context_layers": 1, "context_dim": 8, "target_dim": 8}
 
+    # Evaluation: Bilinear resize of the short side, centre crop to ``image_size``, normalisation; the encoder cuts
+    # the patch grid itself.
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -328,16 +332,6 @@ class CPCv2(SSLMethod):
         hp = cls.Hparams(**config.method_kwargs)
         kwargs = {**config.backbone_kwargs, **backbone_overrides}
         return PatchGridEncoder(config.backbone, hp.patch_size, hp.patch_stride, **kwargs)
-
-    @property
-    def released_encoder(self):
-        return self.encoder
-
-    @classmethod
-    def eval_transform(cls, config):
-        """Bilinear resize of the short side, centre crop to ``image_size``, normalisation; the encoder cuts the
-        patch grid itself."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         cfg, hp = self.config, self.hparams

@@ -35,7 +35,6 @@ from sslhub.transforms import (
     MultiView,
     color_jitter,
     crop,
-    eval_transform,
     flip,
     grayscale,
     view,
@@ -147,6 +146,10 @@ class InstDisc(SSLMethod):
     tiny_preset = "instdisc_resnet18_32px"
     tiny_overrides = {"dim": 16, "nce_k": 8, "num_samples": 64}
 
+    # Evaluation: ``main.py``'s validation pre-processing: bilinear resize of the short side to 256, centre crop 224,
+    # ImageNet normalisation (images of 64 px or less are not cropped, as sslhub's default).
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -156,19 +159,9 @@ class InstDisc(SSLMethod):
         self.register_buffer("nce_z", torch.tensor(-1.0))  # NCEAverage's params[2]: < 0 until estimated
         self.register_buffer("nce_step", torch.tensor(0, dtype=torch.long))
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     def bind_dataset(self, num_samples: int) -> None:
         """Allocate the bank for ``num_samples`` images (``sslhub.memory_bank.bind_banks``)."""
         bind_banks(self, num_samples, ["memory"])
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``main.py``'s validation pre-processing: bilinear resize of the short side to 256, centre crop 224,
-        ImageNet normalisation (images of 64 px or less are not cropped, as sslhub's default)."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """``main.py``'s transform: random resized crop (scale 0.2-1), grayscale p = 0.2, colour jitter 0.4 (also

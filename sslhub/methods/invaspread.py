@@ -109,10 +109,6 @@ class InvaSpread(SSLMethod):
         self.encoder = self.build_encoder(config)
         self.linear = nn.Linear(self.encoder.num_features, self.hparams.embed_dim)
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The authors' ``net(images)``: the L2-normalised ``embed_dim`` embedding, the feature of the paper's kNN."""
         return F.normalize(self.linear(self.encoder(images)), dim=1)

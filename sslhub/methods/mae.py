@@ -179,10 +179,6 @@ class MAE(SSLMethod):
             num_heads=hp.decoder_num_heads,
         )
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     def view_recipe(self):
         """``main_pretrain.py``: bicubic random resized crop and horizontal flip, nothing else."""
         cfg = self.config

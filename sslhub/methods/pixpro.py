@@ -51,7 +51,6 @@ from sslhub.transforms import (
     CropWithBox,
     blur,
     color_distortion,
-    eval_transform,
     solarize,
     view,
 )
@@ -240,6 +239,10 @@ class PixPro(SSLMethod):
     tiny_preset = "pixpro_resnet18_32px"
     tiny_overrides = {"projector_hidden_dim": 64, "embed_dim": 32}
 
+    # Evaluation: ``get_transform('val')``: bilinear resize of the short side to size + 32 (256), centre crop 224,
+    # ImageNet normalisation (images of 64 px or less are not cropped, as sslhub's default).
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -252,16 +255,6 @@ class PixPro(SSLMethod):
             self.projector_instance = mlp2d(self.encoder.num_features, hp.projector_hidden_dim, hp.embed_dim)
             self.projector_instance_k = copy.deepcopy(self.projector_instance).requires_grad_(False)
             self.predictor = mlp2d(hp.embed_dim, hp.projector_hidden_dim, hp.embed_dim)
-
-    @property
-    def released_encoder(self):
-        return self.encoder
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``get_transform('val')``: bilinear resize of the short side to size + 32 (256), centre crop 224,
-        ImageNet normalisation (images of 64 px or less are not cropped, as sslhub's default)."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """``get_transform('BYOL')``: per view a random resized crop (area ``crop_scale_min``-1, bilinear) and flip

@@ -47,7 +47,7 @@ from sslhub.conversion.vissl import read_vissl, vissl_heads
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, ViewRecipe, Views, crop, eval_transform, flip, padded_crop, view
+from sslhub.transforms import BILINEAR, ViewRecipe, Views, crop, flip, padded_crop, view
 
 NUM_ROTATIONS = 4
 VISSL_HEAD = ("0.clf.0.weight", "0.clf.0.bias")  # heads: [["mlp", {"dims": [2048, 4]}]]
@@ -195,19 +195,13 @@ class RotNet(SSLMethod):
     checkpoint_layouts = (VISSL_LAYOUT, MMSELFSUP_LAYOUT)
     tiny_preset = "rotnet_resnet18_32px"
 
+    # Evaluation: VISSL's test pre-processing: bilinear ``Resize(256)``, ``CenterCrop(224)``, ImageNet normalisation.
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         self.encoder = self.build_encoder(config)
         self.head = nn.Linear(self.encoder.num_features, NUM_ROTATIONS)
-
-    @property
-    def released_encoder(self):
-        return self.encoder
-
-    @classmethod
-    def eval_transform(cls, config):
-        """VISSL's test pre-processing: bilinear ``Resize(256)``, ``CenterCrop(224)``, ImageNet normalisation."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         """A random resized crop (or the CIFAR padded crop) and a horizontal flip, normalised, then its four

@@ -276,10 +276,6 @@ class SimCLR(SSLMethod):
     def _hparams_of(cls, config) -> SimCLRHparams:
         return cls.Hparams(**(config.method_kwargs or {}))
 
-    @property
-    def released_encoder(self) -> Encoder:
-        return self.encoder
-
     def project(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -195,10 +195,6 @@ class SimMIM(SSLMethod):
         )
         self.masks = SimMIMMasks(config.image_size, hp.mask_patch_size, self.patch_size, hp.mask_ratio)
 
-    @property
-    def released_encoder(self):
-        return self.encoder
-
     def view_recipe(self):
         cfg = self.config
         transform = view(crop(cfg.image_size, (self.hparams.crop_scale_min, 1.0), BILINEAR), flip(),

@@ -19,7 +19,7 @@ from sslhub.losses import negative_cosine
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, eval_transform, flip, view
+from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, flip, view
 
 
 @dataclass
@@ -157,6 +157,10 @@ class SimSiam(SSLMethod):
     tiny_preset = "simsiam_resnet18_32px"
     tiny_overrides = {"dim": 64, "pred_dim": 16, "proj_hidden_dim": 32}
 
+    # Evaluation: ``main_lincls.py``'s validation pre-processing: bilinear resize of the short side to 256 (224 /
+    # 0.875), centre crop 224, ImageNet normalisation; images of 64 px or less are not cropped (as sslhub's default).
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -164,16 +168,6 @@ class SimSiam(SSLMethod):
         width = self.encoder.num_features
         self.projector = simsiam_projector(width, hp.proj_hidden_dim or width, hp.dim, hp.proj_layers)
         self.predictor = MLPHead((hp.dim, hp.pred_dim, hp.dim), batch_norm=True, bias=True)
-
-    @property
-    def released_encoder(self):
-        return self.encoder
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``main_lincls.py``'s validation pre-processing: bilinear resize of the short side to 256 (224 / 0.875),
-        centre crop 224, ImageNet normalisation; images of 64 px or less are not cropped (as sslhub's default)."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def view_recipe(self):
         cfg, hp = self.config, self.hparams

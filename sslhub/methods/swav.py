@@ -31,7 +31,7 @@ from sslhub.losses import sinkhorn_knopp, swapped_prediction
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, eval_transform, flip, view
+from sslhub.transforms import BILINEAR, MultiView, blur, color_distortion, crop, flip, view
 
 SWAV_MEAN = (0.485, 0.456, 0.406)
 SWAV_STD = (0.228, 0.224, 0.225)  # src/multicropdataset.py and eval_linear.py: 0.228, not ImageNet's 0.229
@@ -214,6 +214,10 @@ class SwAV(SSLMethod):
         "max_scale_crops": (1.0, 0.14),
     }
 
+    # Evaluation: ``eval_linear.py``: ``Resize(256)`` (bilinear) of the short side, ``CenterCrop(224)``, normalise;
+    # the same ratio at other sizes (no crop at 64 px or less).
+    eval_interpolation = BILINEAR
+
     def __init__(self, config):
         super().__init__(config)
         hp = self.hparams
@@ -228,22 +232,12 @@ class SwAV(SSLMethod):
         self._queue_checked = False
 
     @property
-    def released_encoder(self):
-        return self.encoder
-
-    @property
     def num_crops(self) -> int:
         return sum(self.hparams.nmb_crops)
 
     def view_recipe(self):
         cfg = self.config
         return swav_views(self.hparams, cfg.image_size, cfg.image_mean, cfg.image_std)
-
-    @classmethod
-    def eval_transform(cls, config):
-        """``eval_linear.py``: ``Resize(256)`` (bilinear) of the short side, ``CenterCrop(224)``, normalise; the same
-        ratio at other sizes (no crop at 64 px or less)."""
-        return eval_transform(config.image_size, config.image_mean, config.image_std, interpolation=BILINEAR)
 
     def on_step_start(self, progress: TrainingProgress) -> None:
         self.epoch = progress.epoch
