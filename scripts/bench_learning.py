@@ -129,6 +129,8 @@ PRESETS = {
     "pixpro": "pixpro_resnet18_32px",
     "rotnet": "rotnet_resnet18_32px",
     "context_prediction": "context_prediction_resnet18_32px",
+    "counting": "counting_resnet18_32px",
+    "exemplar": "exemplar_resnet18_32px",
 }
 # Method hyperparameters every run of a method needs: BEiT's tokenizer file (a random frozen tokenizer here: the
 # DALL-E file cannot be downloaded offline).

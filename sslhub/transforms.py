@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # what ColorJitter's hue uses
 
 from sslhub.batch import Batch, Sample, collate_samples
 
@@ -109,6 +110,55 @@ def blur(size: int, p: float, kernel_size: int | None = None, sigma: tuple[float
 
 def solarize(p: float, threshold: int = 128) -> v2.Transform:
     return v2.RandomSolarize(threshold, p=p)
+
+
+# The principal components of ImageNet's RGB pixels in [0, 1] (columns, largest first), as AlexNet's PCA lighting
+# noise uses them (fb.resnet.torch ``transforms.lua``, eigval [0.2175, 0.0188, 0.0045]).
+IMAGENET_PIXEL_PCS = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def log_uniform(low: float, high: float, shape: Sequence[int] = ()) -> torch.Tensor:
+    """Draws from [low, high] uniform in log scale (a factor and its inverse equally likely when low = 1 / high)."""
+    return low * (high / low) ** torch.rand(shape)
+
+
+class PCAContrast:
+    """Exemplar-CNN's "contrast 1" (arXiv 1406.6909 §2.1): the projection of every pixel onto each principal component
+    of the data's pixels is multiplied by its own factor in ``factors`` (log-uniform), the same for all pixels of the
+    image: ``p' = U diag(f) Uᵀ p``, clamped to [0, 1]. On a float RGB tensor in [0, 1] (after ``v2.ToDtype``)."""
+
+    def __init__(self, components: torch.Tensor = IMAGENET_PIXEL_PCS, factors: tuple[float, float] = (0.5, 2.0)):
+        self.components, self.factors = components, tuple(factors)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        u = self.components.to(image)
+        mixing = u @ torch.diag(log_uniform(*self.factors, (3,)).to(image)) @ u.t()
+        return torch.einsum("ij,...jhw->...ihw", mixing, image.as_subclass(torch.Tensor)).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(factors={self.factors})"
+
+
+class HSVPowerContrast:
+    """Exemplar-CNN's "contrast 2" (arXiv 1406.6909 §2.1): saturation and value (HSV) each raised to a power in
+    ``powers``, multiplied by a factor in ``factors`` (both log-uniform) and shifted by a value in ``shifts``
+    (uniform), one draw per channel for the whole image, clamped to [0, 1]. On a float RGB tensor in [0, 1]."""
+
+    def __init__(self, powers=(0.25, 4.0), factors=(0.7, 1.4), shifts=(-0.1, 0.1)):
+        self.powers, self.factors, self.shifts = tuple(powers), tuple(factors), tuple(shifts)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        hue, saturation, value = _rgb_to_hsv(image.as_subclass(torch.Tensor)).unbind(-3)
+        power, factor = log_uniform(*self.powers, (2,)), log_uniform(*self.factors, (2,))
+        shift = torch.empty(2).uniform_(*self.shifts)
+        saturation, value = (
+            (channel.pow(power[i].item()) * factor[i].item() + shift[i].item()).clamp(0, 1)
+            for i, channel in enumerate((saturation, value))
+        )
+        return _hsv_to_rgb(torch.stack([hue, saturation, value], dim=-3))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(powers={self.powers}, factors={self.factors}, shifts={self.shifts})"
 
 
 def normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
