@@ -56,14 +56,6 @@ def bind_banks(method, num_samples: int, banks: Sequence[str]) -> None:
     the hparam ``num_samples`` 0 (a new run) the buffers named ``banks`` get ``num_samples`` rows of ``hparams.dim``
     (``initial_bank``) and the hparam records the size, so a saved model rebuilds them; banks sized for another
     dataset (a model pretrained elsewhere) are an error."""
-    current = method.hparams.num_samples
-    if current not in (0, num_samples):
-        raise ValueError(
-            f"the {method.name} memory bank has {current} rows but the training set has {num_samples} images: the "
-            "bank is one row per training image; start from a model with num_samples=0 (a new bank)"
-        )
-    if current == 0:
-        method.config.method_kwargs["num_samples"] = num_samples
-        method.hparams = method.Hparams(**method.config.method_kwargs)
+    if method.record_num_samples(num_samples, "memory bank", "rows"):
         for name in banks:
             setattr(method, name, initial_bank(num_samples, method.hparams.dim).to(getattr(method, name).device))

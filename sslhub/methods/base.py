@@ -271,6 +271,23 @@ class SSLMethod(nn.Module):
         """Called by the trainer with the number of training images, after the dataset is loaded and before the
         model is wrapped for distributed training or a checkpoint is resumed (default: nothing)."""
 
+    def record_num_samples(self, num_samples: int, holder: str, units: str) -> bool:
+        """``bind_dataset`` of a method with one ``holder`` entry per training image (InstDisc's bank rows, Exemplar's
+        surrogate classes) and the hparam ``num_samples`` (0: not sized yet): records ``num_samples`` in the hparams
+        and the config, so a saved model rebuilds at that size, and returns True when the per-image state must be
+        built; a model sized for another dataset is an error."""
+        current = self.hparams.num_samples
+        if current not in (0, num_samples):
+            raise ValueError(
+                f"the {self.name} {holder} has {current} {units} but the training set has {num_samples} images "
+                f"({units} are one per training image); start from a model with num_samples=0 (a new {holder})"
+            )
+        if current == num_samples:
+            return False
+        self.config.method_kwargs["num_samples"] = num_samples
+        self.hparams = self.Hparams(**self.config.method_kwargs)
+        return True
+
     # ---- networks updated outside the optimizer ------------------------------------------------------------------
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) module pairs that the trainer updates as ``target ← m target + (1 - m) online`` once

@@ -141,15 +141,7 @@ class Exemplar(SSLMethod):
         """One output per training image: a new model (``num_samples`` 0) gets its N-way layer here and records N
         in its configuration, so a saved model rebuilds it; a model trained on another number of images is an
         error."""
-        current = self.hparams.num_samples
-        if current not in (0, num_samples):
-            raise ValueError(
-                f"the exemplar classifier has {current} surrogate classes but the training set has {num_samples} "
-                "images: one class per training image; start from a model with num_samples=0 (a new classifier)"
-            )
-        if current == 0:
-            self.config.method_kwargs["num_samples"] = num_samples
-            self.hparams = self.Hparams(**self.config.method_kwargs)
+        if self.record_num_samples(num_samples, "classifier", "surrogate classes"):
             device = self.classifier.weight.device
             self.classifier = surrogate_classifier(self.classifier.in_features, num_samples).to(device)
 
