@@ -419,12 +419,12 @@ class Pretrainer:
 
     def set_schedules(self, progress: TrainingProgress) -> None:
         """Learning rate (times each group's ``lr_scale``; the peak for ``fixed_lr`` groups), weight decay of the
-        decayed groups, and the method's own schedules."""
+        decayed groups (times each group's ``weight_decay_scale``), and the method's own schedules."""
         lr = self.learning_rate(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = (self.peak_lr if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
             if group["weight_decay"] > 0:
-                group["weight_decay"] = self.method.weight_decay_at(progress)
+                group["weight_decay"] = self.method.weight_decay_at(progress) * group.get("weight_decay_scale", 1.0)
         self.method.on_step_start(progress)
 
     def train_epoch(self, bar: tqdm) -> None:

@@ -17,8 +17,10 @@ from sslhub.conversion.convert import convert_checkpoint, read_checkpoint
 from sslhub.conversion.layouts import detect_layout, get_layout
 from sslhub.conversion.loading import CheckpointError, load_file_state
 from sslhub.data import ImageDataset, ViewDataset
+from sslhub.methods import TrainingProgress
 from sslhub.methods.context_prediction import GreenMagentaProjection, PatchGrid, downsample_patches
 from sslhub.registry import get_pretrained
+from sslhub.training import PretrainArguments, Pretrainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PRESET = "context_prediction_resnet18_32px"
@@ -127,7 +129,7 @@ def test_training_step_learns_and_reports_the_position_accuracy():
     assert model.method.head.weight.grad.abs().sum() > 0 and model.method.neck.fc.weight.grad.abs().sum() > 0
 
 
-def test_neck_and_head_decay_five_times_more():
+def test_neck_and_head_decay_five_times_more(tmp_path):
     method = sslhub.create_model(PRESET, task="pretraining", **TINY).method
     backbone_group, head_group = method.param_groups()
     assert backbone_group["weight_decay"] == 1e-4 and head_group["weight_decay"] == pytest.approx(5e-4)
@@ -135,6 +137,11 @@ def test_neck_and_head_decay_five_times_more():
     heads = {id(p) for p in [*method.neck.parameters(), *method.head.parameters()]}
     assert {id(p) for p in head_group["params"]} == heads
     assert len(backbone_group["params"]) + len(head_group["params"]) == len(list(method.parameters()))
+    args = PretrainArguments(model=PRESET, data="builtin", output_dir=str(tmp_path), batch_size=32, knn_every=0,
+                             log_with=None, progress=False, overrides=TINY)  # fmt: skip
+    trainer = Pretrainer(args)
+    trainer.set_schedules(TrainingProgress(3, trainer.total_steps, trainer.steps_per_epoch))  # the trainer keeps x5
+    assert [group["weight_decay"] for group in trainer.optimizer.param_groups] == pytest.approx([1e-4, 5e-4])
 
 
 def test_projection_removes_the_green_magenta_axis_and_keeps_gray():
