@@ -3,9 +3,12 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import sslhub
+from sslhub.data import ImageDataset, ViewDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +69,16 @@ def assert_released_is(model, released, other):
     assert_params_equal(released_state, released.state_dict())
     other_state = other.state_dict()
     assert any(not torch.equal(value, other_state[name]) for name, value in released_state.items())
+
+
+def noise_images(count, size=40, seed=1):
+    """``count`` RGB PIL images of uniform noise, ``size`` px square."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def recipe_batch(model, images, labels=None):
+    """A batch of ``images`` made by the model's own view recipe and collation, as the trainer makes it."""
+    recipe = model.method.view_recipe()
+    dataset = ViewDataset(ImageDataset(images, labels=labels or [0] * len(images)), recipe, seed=0)
+    return recipe.collate([dataset[i] for i in range(len(images))])

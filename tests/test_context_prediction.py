@@ -2,13 +2,11 @@
 8-way cross-entropy, the colour handling, MMSelfSup's RelativeLoc file converted against its model written out, bad
 files, the release."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import relative_error
-from PIL import Image
+from helpers import noise_images, recipe_batch, relative_error
 from torch import nn
 
 import sslhub
@@ -16,7 +14,6 @@ from sslhub.batch import Batch
 from sslhub.conversion.convert import convert_checkpoint, read_checkpoint
 from sslhub.conversion.layouts import detect_layout, get_layout
 from sslhub.conversion.loading import CheckpointError, load_file_state
-from sslhub.data import ImageDataset, ViewDataset
 from sslhub.methods import TrainingProgress
 from sslhub.methods.context_prediction import GreenMagentaProjection, PatchGrid, downsample_patches
 from sslhub.registry import get_pretrained
@@ -74,21 +71,10 @@ def test_mmselfsup_geometry_is_cells_of_a_third_with_a_random_64px_patch():
             assert row * 85 <= top <= row * 85 + 85 - 64 and col * 85 <= left <= col * 85 + 85 - 64
 
 
-def pil_images(count, size=40, seed=1):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def recipe_batch(model, count=3):
-    recipe = model.method.view_recipe()
-    dataset = ViewDataset(ImageDataset(pil_images(count), labels=[0] * count), recipe, seed=0)
-    return recipe.collate([dataset[i] for i in range(count)])
-
-
 def test_recipe_gives_the_centre_then_its_eight_neighbours_with_their_positions():
     model = sslhub.create_model(PRESET, task="pretraining", **TINY)
     hp = model.method.hparams
-    batch = recipe_batch(model)
+    batch = recipe_batch(model, noise_images(3))
     assert len(batch.views) == 9 and all(v.shape == (3, 3, 8, 8) for v in batch.views)
     corners, position = batch.extras["corners"], batch.extras["position"]
     assert corners.shape == (3, 9, 2) and position.shape == (3, 8)
@@ -105,7 +91,7 @@ def test_recipe_gives_the_centre_then_its_eight_neighbours_with_their_positions(
 def test_loss_is_cross_entropy_of_the_neighbours_position_written_out():
     model = sslhub.create_model(PRESET, task="pretraining", **TINY).eval()
     method = model.method
-    batch = recipe_batch(model)
+    batch = recipe_batch(model, noise_images(3))
     with torch.no_grad():
         loss = model(batch).loss
         pooled = [method.encoder.backbone.forward_features(view).mean(dim=(2, 3)) for view in batch.views]
@@ -123,7 +109,7 @@ def test_loss_is_cross_entropy_of_the_neighbours_position_written_out():
 
 def test_training_step_learns_and_reports_the_position_accuracy():
     model = sslhub.create_model(PRESET, task="pretraining", **TINY).train()
-    output = model(recipe_batch(model))
+    output = model(recipe_batch(model, noise_images(3)))
     output.loss.backward()
     assert 0 <= output.metrics["position_accuracy"] <= 1
     assert model.method.head.weight.grad.abs().sum() > 0 and model.method.neck.fc.weight.grad.abs().sum() > 0
@@ -155,7 +141,7 @@ def test_projection_removes_the_green_magenta_axis_and_keeps_gray():
 
 def test_colour_dropping_keeps_one_channel_and_downsampling_pixelates():
     model = sslhub.create_model(PRESET, task="pretraining", color_dropping=True, grayscale_p=0.0, **TINY)
-    batch = recipe_batch(model)
+    batch = recipe_batch(model, noise_images(3))
     for view in batch.views:
         zero_channels = (view.abs().flatten(2).amax(2) == 0).sum(1)
         assert zero_channels.tolist() == [2, 2, 2]

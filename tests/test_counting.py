@@ -4,6 +4,7 @@ batches, eq. 4 written out, its trivial solution, bad batches and hyperparameter
 import numpy as np
 import pytest
 import torch
+from helpers import noise_images, recipe_batch
 from PIL import Image
 
 import sslhub
@@ -15,17 +16,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PRESET = "counting_resnet18_32px"
 TINY = {"backbone": "test_resnet", "hidden_dims": (16,), "counting_dim": 8}
 PIL_FILTERS = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS, Image.Resampling.BOX]
-
-
-def pil_images(count, size=32, seed=1):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def recipe_batch(model, images):
-    recipe = model.method.view_recipe()
-    dataset = ViewDataset(ImageDataset(images, labels=[0] * len(images)), recipe, seed=0)
-    return recipe.collate([dataset[i] for i in range(len(images))])
 
 
 def normalised(pixels: np.ndarray, config) -> torch.Tensor:
@@ -46,7 +36,7 @@ def test_the_four_tiles_are_the_quadrants_row_major():
 def test_views_are_the_downsampled_crop_then_its_tiles_by_the_drawn_method():
     """A 32 px image with the 32 px crop of the 32 px preset at resize 32: the crop is the image itself."""
     model = sslhub.create_model(PRESET, task="pretraining", resize=32, grayscale_p=0.0, **TINY)
-    images = pil_images(6)
+    images = noise_images(6, size=32)
     batch = recipe_batch(model, images)
     config = model.config
     assert len(batch.views) == 5 and all(view.shape == (6, 3, 16, 16) for view in batch.views)
@@ -62,9 +52,9 @@ def test_views_are_the_downsampled_crop_then_its_tiles_by_the_drawn_method():
 
 def test_every_downsampling_method_is_drawn_and_each_gives_a_different_image():
     model = sslhub.create_model(PRESET, task="pretraining", grayscale_p=0.0, **TINY)
-    batch = recipe_batch(model, pil_images(40, size=36))
+    batch = recipe_batch(model, noise_images(40, size=36))
     assert set(batch.extras["interpolation"].tolist()) == set(range(len(DOWNSAMPLING)))
-    image = pil_images(1)[0]
+    image = noise_images(1, size=32)[0]
     resized = [np.array(image.resize((16, 16), pil_filter)) for pil_filter in PIL_FILTERS]
     assert all(not np.array_equal(resized[a], resized[b]) for a in range(4) for b in range(a + 1, 4))
 
@@ -72,7 +62,7 @@ def test_every_downsampling_method_is_drawn_and_each_gives_a_different_image():
 @pytest.mark.parametrize("grayscale_p", [0.0, 1.0])
 def test_a_grayscale_batch_has_the_average_colour_in_every_view(grayscale_p):
     model = sslhub.create_model(PRESET, task="pretraining", grayscale_p=grayscale_p, **TINY)
-    batch = recipe_batch(model, pil_images(3, size=40))
+    batch = recipe_batch(model, noise_images(3, size=40))
     mean, std = torch.tensor(model.config.image_mean), torch.tensor(model.config.image_std)
     assert batch.extras["grayscale"].tolist() == [grayscale_p == 1.0] * 3
     for view in batch.views:
@@ -86,7 +76,7 @@ def test_a_grayscale_batch_has_the_average_colour_in_every_view(grayscale_p):
 def test_the_grayscale_draw_is_one_per_batch_and_about_the_papers_two_thirds():
     model = sslhub.create_model(PRESET, task="pretraining", **TINY)
     recipe = model.method.view_recipe()
-    dataset = ViewDataset(ImageDataset(pil_images(60, size=36), labels=[0] * 60), recipe, seed=0)
+    dataset = ViewDataset(ImageDataset(noise_images(60, size=36), labels=[0] * 60), recipe, seed=0)
     draws = []
     for start in range(0, 60, 2):
         flags = recipe.collate([dataset[start], dataset[start + 1]]).extras["grayscale"]

@@ -4,16 +4,14 @@ its file. Each method is built tiny (its ``tiny_preset`` with ``tiny_overrides``
 import copy
 import dataclasses
 
-import numpy as np
 import pytest
 import timm
 import torch
 import transformers
-from PIL import Image
+from helpers import noise_images, recipe_batch
 
 import sslhub
 from sslhub.batch import Batch
-from sslhub.data import ImageDataset, ViewDataset
 from sslhub.export import export_timm, export_transformers
 from sslhub.methods.base import update_momentum_pairs
 from sslhub.probes import LinearRecipe
@@ -32,16 +30,9 @@ def tiny(method: str, task: str = "pretraining", seed: int = 0):
     return sslhub.create_model(cls.tiny_preset, task=task, **cls.tiny_overrides)
 
 
-def pil_images(count: int, size: int = 40) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def recipe_batch(model) -> Batch:
-    """A batch made by the method's own view recipe and collation, as the trainer makes it."""
-    recipe = model.method.view_recipe()
-    dataset = ViewDataset(ImageDataset(pil_images(BATCH), labels=[0, 1, 0, 1]), recipe, seed=0)
-    return recipe.collate([dataset[i] for i in range(BATCH)])
+def contract_batch(model) -> Batch:
+    """A batch of four noise images made by the method's own view recipe and collation, as the trainer makes it."""
+    return recipe_batch(model, noise_images(BATCH, seed=0), [0, 1, 0, 1])
 
 
 def seeded_loss(method, batch: Batch, seed: int = 0) -> torch.Tensor:
@@ -71,13 +62,13 @@ def test_linear_recipe_and_evaluation_preprocessing_are_declared(method_name):
     cls = get_method(method_name)
     assert isinstance(cls.get_linear_recipe(), LinearRecipe)
     config = tiny(method_name, "features").config
-    pixels = cls.eval_transform(config)(pil_images(1, 50)[0])
+    pixels = cls.eval_transform(config)(noise_images(1, 50, seed=0)[0])
     assert pixels.shape == (3, config.image_size, config.image_size) and pixels.dtype == torch.float32
 
 
 def test_view_recipe_batch_runs_forward_and_backward(method_name):
     model = tiny(method_name).train()
-    batch = recipe_batch(model)
+    batch = contract_batch(model)
     assert len(batch) == BATCH and batch.index.tolist() == list(range(BATCH)) and batch.labels.tolist() == [0, 1, 0, 1]
     loss = model(batch).loss
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -93,7 +84,7 @@ def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch(method_name):
     started from (queue, center, teacher, masks and random draws fixed): the gradient points the right way."""
     model = tiny(method_name)
     method = model.method.train()
-    batch = recipe_batch(model)
+    batch = contract_batch(model)
     start = copy.deepcopy(method)
     lr = 0.05 if method.hparams.optimizer in ("lars", "larc") else 1e-3 if method.hparams.optimizer == "sgd" else 1e-4
     optimizer = build_optimizer(method, lr)
@@ -122,7 +113,7 @@ def test_pretraining_save_and_load_is_exact(method_name, tmp_path):
         assert torch.equal(value, expected[key]), key
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # key encoders, teachers ...
     assert {name for name, p in loaded.named_parameters() if not p.requires_grad} == frozen
-    batch = recipe_batch(model)
+    batch = contract_batch(model)
     model.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(seeded_loss(loaded.method, batch), seeded_loss(model.method, batch))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import relative_error
+from helpers import noise_images, recipe_batch, relative_error
 from PIL import Image
 from torch import nn
 
@@ -18,7 +18,6 @@ from sslhub.conversion.convert import build_converted_model, convert_checkpoint,
 from sslhub.conversion.layouts import detect_layout, get_layout
 from sslhub.conversion.loading import CheckpointError, StandIn, load_file_state
 from sslhub.conversion.vissl import VISSL_TRUNK, read_vissl
-from sslhub.data import ImageDataset, ViewDataset
 from sslhub.methods.rotnet import rotations
 from sslhub.registry import get_pretrained
 
@@ -49,18 +48,10 @@ def test_the_four_rotations_are_exact_counter_clockwise_quarter_turns():
         assert torch.equal(actual, torch.from_numpy(rotated).permute(2, 0, 1))
 
 
-def recipe_batch(model, count=3):
-    recipe = model.method.view_recipe()
-    rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(count)]
-    dataset = ViewDataset(ImageDataset(images, labels=[0] * count), recipe, seed=0)
-    return recipe.collate([dataset[i] for i in range(count)])
-
-
 @pytest.mark.parametrize("preset", [PRESET, "rotnet_resnet50"])
 def test_every_image_has_its_four_rotations_in_the_batch_with_their_ids(preset):
     model = sslhub.create_model(preset, task="pretraining", image_size=32)
-    batch = recipe_batch(model)
+    batch = recipe_batch(model, noise_images(3))
     assert len(batch.views) == 4 and batch.extras["rotation"].tolist() == [[0, 1, 2, 3]] * 3
     upright = batch.views[0]
     assert upright.shape == (3, 3, 32, 32) and not torch.equal(upright[0], upright[1])  # one crop per image
