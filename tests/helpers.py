@@ -55,6 +55,17 @@ def perturb_(module, prefixes, scale=0.05, seed=1):
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
+def random_batch_norm_statistics(model, seed=1):
+    """Seeded running means and variances in every BatchNorm of ``model`` (so that a comparison in evaluation mode
+    depends on them); returns ``model`` in evaluation mode."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model.eval()
+
+
 def assert_params_equal(actual, expected):
     """Two state dicts with the same keys and values."""
     assert actual.keys() == expected.keys()

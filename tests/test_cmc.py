@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import pretrain_silently, relative_error
+from helpers import pretrain_silently, random_batch_norm_statistics, relative_error
 from PIL import Image
 from skimage import color
 from sklearn.datasets import load_digits
@@ -221,12 +221,7 @@ class AuthorsResNetsCMC(nn.Module):
 def authors_model(block, layers, width) -> AuthorsResNetsCMC:
     torch.manual_seed(0)
     model = AuthorsResNetsCMC(block, layers, width)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
+    return random_batch_norm_statistics(model)
 
 
 def save_cmc_file(path, model, name):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import noise_images, recipe_batch, relative_error
+from helpers import noise_images, random_batch_norm_statistics, recipe_batch, relative_error
 from torch import nn
 
 import sslhub
@@ -219,12 +219,7 @@ class AuthorsRelativeLoc(nn.Module):
 def authors_model(arch="resnet18", channels=512, hidden=32):
     torch.manual_seed(0)
     model = AuthorsRelativeLoc(arch, channels, hidden)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
+    return random_batch_norm_statistics(model)
 
 
 def mmselfsup_1x_label(row: int, col: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import relative_error
+from helpers import random_batch_norm_statistics, relative_error
 from torch import nn
 
 import sslhub
@@ -142,12 +142,7 @@ def authors_model(arch: str, low_dim: int = 128) -> nn.Module:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)()
     model.fc = nn.Linear(model.fc.in_features, low_dim)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
+    return random_batch_norm_statistics(model)
 
 
 def save_lemniscate_file(path, model, arch: str, legacy: bool = True, bank_rows: int = 6) -> torch.Tensor:

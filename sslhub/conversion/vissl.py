@@ -28,6 +28,12 @@ from sslhub.conversion.loading import CheckpointError
 
 TRUNK_PREFIX = "_feature_blocks."
 MODEL_PATH = ("classy_state_dict", "base_model", "model")  # family A: where {'trunk', 'heads'} sit
+VISSL_ZOO = "https://dl.fbaipublicfiles.com/vissl/model_zoo/"  # MODEL_ZOO.md's files are under it
+VISSL_LINEAR = (
+    "linear = VISSL's ImageNet-1k linear benchmark (eval_resnet_8gpu_transfer_in1k_linear: the best of linear probes "
+    "on conv1, res2-res5 and res5avg, not necessarily pooler_output = res5avg); VISSL is MIT-licensed and its "
+    "MODEL_ZOO.md states no other licence for the weights"
+)
 
 
 @dataclass

@@ -146,6 +146,17 @@ def update_momentum_pairs(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum
         torch._foreach_lerp_(target, online, 1 - momentum)
 
 
+def batch_norm_exempt_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """VISSL's ``regularize_bn: False`` with ``regularize_bias: True`` (RotNet, Jigsaw): BatchNorm weights and biases
+    without weight decay, every other trainable parameter (other biases included) with ``weight_decay``."""
+    norms = {id(p) for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    params = [p for p in method.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in norms], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in norms], "weight_decay": 0.0},
+    ]
+
+
 class SSLMethod(nn.Module):
     """A self-supervised objective: its networks, its loss on a ``Batch`` and its per-step updates (module docstring).
 

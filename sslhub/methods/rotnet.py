@@ -43,8 +43,8 @@ from torch import nn
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted, KeyReader, entry, leftover_entries, preview
 from sslhub.conversion.loading import CheckpointError
-from sslhub.conversion.vissl import read_vissl, vissl_heads
-from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
+from sslhub.conversion.vissl import VISSL_LINEAR, VISSL_ZOO, read_vissl, vissl_heads
+from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, batch_norm_exempt_groups, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
 from sslhub.transforms import BILINEAR, ViewRecipe, Views, crop, flip, padded_crop, view
@@ -214,17 +214,10 @@ class RotNet(SSLMethod):
         return RotationViews(view(cropping, flip(), mean=cfg.image_mean, std=cfg.image_std))
 
     def param_groups(self):
-        """VISSL's ``regularize_bn: False``: BatchNorm weights and biases without weight decay (other biases keep
-        it, ``regularize_bias: True``), unless ``decay_batch_norm``."""
+        """BatchNorm without weight decay (VISSL ``regularize_bn: False``), unless ``decay_batch_norm``."""
         if self.hparams.decay_batch_norm:
             return super().param_groups()
-        norm_layers = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        norms = {id(p) for m in norm_layers for p in m.parameters()}
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if id(p) not in norms], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if id(p) in norms], "weight_decay": 0.0},
-        ]
+        return batch_norm_exempt_groups(self, self.hparams.weight_decay)
 
     def forward(self, batch: Batch) -> MethodOutput:
         """``batch.views``: the four rotated copies (view k: every image rotated by k · 90°), ``batch.extras
@@ -280,12 +273,6 @@ register_preset(
 )
 
 # ---- releases ------------------------------------------------------------------------------------------------------
-VISSL_ZOO = "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
-VISSL_LINEAR = (
-    "linear = VISSL's ImageNet-1k linear benchmark (eval_resnet_8gpu_transfer_in1k_linear: the best of linear probes "
-    "on conv1, res2-res5 and res5avg, not necessarily pooler_output = res5avg); VISSL is MIT-licensed and its "
-    "MODEL_ZOO.md states no other licence for the weights"
-)
 register_pretrained(
     PretrainedTag(
         "rotnet_resnet50",
