@@ -115,8 +115,8 @@ PRESETS = {
     "barlow_twins": "barlow_twins_resnet18_32px",
     "swav": "swav_resnet18_32px",
     # lightly's benchmark has none of the methods below, and its SimMIM needs a timm ViT, not the BEiT-style encoder:
-    # sslhub rows only. CMC is left out: Fashion-MNIST is grey, so the ab view of its L / ab split is zero
-    # (tests/test_cmc.py trains it on coloured digits).
+    # sslhub rows only. CMC and Colorization are left out: Fashion-MNIST is grey, so CMC's ab view and Colorization's
+    # target are zero (tests/test_cmc.py and tests/test_training.py train them on coloured digits).
     "instdisc": "instdisc_resnet18_32px",
     "invaspread": "invaspread_resnet18_32px",
     "cpc_v2": "cpc_v2_resnet18_32px",
@@ -131,6 +131,8 @@ PRESETS = {
     "context_prediction": "context_prediction_resnet18_32px",
     "counting": "counting_resnet18_32px",
     "exemplar": "exemplar_resnet18_32px",
+    "jigsaw": "jigsaw_resnet18_32px",
+    "jigsaw_clustering": "jigsaw_clustering_resnet18_32px",
 }
 # Method hyperparameters every run of a method needs: BEiT's tokenizer file (a random frozen tokenizer here: the
 # DALL-E file cannot be downloaded offline).

@@ -270,6 +270,34 @@ def nce_loss(probabilities: torch.Tensor, noise_probability: float, eps: float =
     return -(log_data.sum() + log_noise.sum()) / probabilities.shape[0]
 
 
+def supervised_contrastive(
+    anchors: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float | None = None,
+    contrast: torch.Tensor | None = None,
+    contrast_labels: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Supervised contrastive loss L^sup_out (Khosla et al. 2020, arXiv 2004.11362, eq. 2), as Jigsaw Clustering's
+    clustering loss (arXiv 2104.00323, ``SupCluLoss``): with ``s_ia = z_i·z_a / τ`` over L2-normalised rows and P(i)
+    the other rows of anchor i's label, ``L = -(τ / τ_b) mean_i 1/|P(i)| Σ_{p∈P(i)} log( exp(s_ip) / Σ_{a≠i}
+    exp(s_ia) )`` (τ_b = ``base_temperature``, default τ: no scaling). ``anchors`` (N, D), ``labels`` (N,); across
+    processes pass every process's rows as ``contrast`` / ``contrast_labels`` (M, ...) with the anchors at ``offset``.
+    Every anchor needs a positive."""
+    contrast = anchors if contrast is None else contrast
+    contrast_labels = labels if contrast_labels is None else contrast_labels
+    logits = anchors @ contrast.t() / temperature
+    self_mask = F.one_hot(torch.arange(anchors.shape[0], device=anchors.device) + offset, contrast.shape[0]).bool()
+    positives = (labels[:, None] == contrast_labels[None, :]) & ~self_mask
+    counts = positives.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("supervised_contrastive: an anchor has no positive (no other row with its label)")
+    log_prob = logits - logits.masked_fill(self_mask, float("-inf")).logsumexp(dim=1, keepdim=True)
+    mean_log_prob = (log_prob * positives).sum(dim=1) / counts
+    return -(temperature / (base_temperature or temperature)) * mean_log_prob.mean()
+
+
 def _pair_logits(
     z1: torch.Tensor,
     z2: torch.Tensor,

@@ -191,6 +191,20 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
 
 
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """sRGB values in [0, 1] of CIE L*a*b* values (..., 3, H, W): the inverse of ``rgb_to_lab`` (scikit-image
+    ``lab2rgb``, D65, 2° observer), colours outside the sRGB gamut clipped to [0, 1]."""
+    if lab.ndim < 3 or lab.shape[-3] != 3:
+        raise ValueError(f"lab_to_rgb expects (..., 3, H, W) L*a*b* values, got shape {tuple(lab.shape)}")
+    lightness, a, b = lab.unbind(-3)
+    fy = (lightness + 16) / 116
+    f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=-3)
+    xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787).clamp_min(0) * _D65_WHITE.to(lab)[:, None, None]
+    linear = torch.einsum("ij,...jhw->...ihw", torch.linalg.inv(_XYZ_FROM_RGB).to(lab), xyz)
+    rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(0.0031308) ** (1 / 2.4) - 0.055, linear * 12.92)
+    return rgb.clamp(0, 1)
+
+
 class RGBToLab:
     """``rgb_to_lab`` as a pipeline step on a float RGB image tensor in [0, 1] (after ``v2.ToDtype(scale=True)``)."""
 
