@@ -362,8 +362,8 @@ class Pretrainer:
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(args.seed),  # a new iterator must not draw from the global RNG
         )
-        images_per_step = global_batch * args.gradient_accumulation_steps
-        self.peak_lr = args.lr if args.lr is not None else scaled_learning_rate(self.hparams, images_per_step)
+        self.images_per_step = global_batch * args.gradient_accumulation_steps
+        self.peak_lr = args.lr if args.lr is not None else scaled_learning_rate(self.hparams, self.images_per_step)
         optimizer = build_optimizer(model.method, self.peak_lr)
         unbroadcast = (*model.method.per_process_buffers, *model.method.replicated_buffers)
         if unbroadcast:  # DDP must not broadcast rank 0's values over them
@@ -405,14 +405,16 @@ class Pretrainer:
 
     def learning_rate(self, progress: TrainingProgress) -> float:
         """The method's ``lr_schedule``: warm-up + cosine per step, the cosine set once per epoch (SimSiam's
-        ``adjust_learning_rate``: ``0.5 (1 + cos(π epoch / epochs))`` for the whole epoch), or the step schedule per
-        epoch after the per-step warm-up."""
+        ``adjust_learning_rate``: ``0.5 (1 + cos(π epoch / epochs))`` for the whole epoch), or, after the per-step
+        warm-up, the step schedule per epoch or the exponential one per ``lr_decay_images`` images."""
         hp = self.hparams
         start = hp.warmup_start_ratio * self.peak_lr
-        if hp.lr_schedule == "step":
+        if hp.lr_schedule in ("step", "exponential"):
             if progress.step < self.warmup_steps:  # SimMIM's MultiStepLRScheduler warms up per step first
                 return warmup_learning_rate(progress.step, self.warmup_steps, self.peak_lr, start)
-            return step_learning_rate_at(progress.epoch, self.peak_lr, hp.lr_milestones)
+            if hp.lr_schedule == "exponential":  # Counting: x0.9 every 10K iterations (of 1024 images)
+                return self.peak_lr * hp.lr_decay_factor ** (progress.step * self.images_per_step // hp.lr_decay_images)
+            return step_learning_rate_at(progress.epoch, self.peak_lr, hp.lr_milestones, hp.lr_decay_factor)
         minimum = max(hp.min_lr, hp.min_lr_ratio * self.peak_lr)
         step = progress.epoch * self.steps_per_epoch if hp.lr_schedule == "cosine_epoch" else progress.step
         return learning_rate_at(step, self.total_steps, self.warmup_steps, self.peak_lr, minimum, start)

@@ -18,6 +18,7 @@ from sslhub.cli import PRETRAIN_EXCLUDED, build_parser
 from sslhub.cli import main as cli_main
 from sslhub.methods import TrainingProgress
 from sslhub.methods.colorization import colorize
+from sslhub.methods.counting import CountingHparams
 from sslhub.methods.dinov2 import DINOv2Hparams
 from sslhub.methods.moco import MoCoV2Hparams
 from sslhub.training import (
@@ -118,6 +119,21 @@ def test_step_schedule_divides_lr_by_10_at_each_milestone_epoch(image_folder, tm
         assert [group["lr"] for group in warm.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
     with pytest.raises(ValueError, match="no warm-up"):
         sslhub.create_model("simsiam_resnet18_32px", warmup_epochs=1)
+
+
+def test_exponential_schedule_decays_lr_every_lr_decay_images_images(image_folder, tmp_path):
+    """Counting's "drop it by a factor of 0.9 every 10K iterations", counted in images: lr = peak x factor^floor(step
+    x images per step / lr_decay_images)."""
+    overrides = {"queue_size": 64, "lr_schedule": "exponential", "lr_decay_factor": 0.5, "lr_decay_images": 40}
+    trainer = Pretrainer(tiny_args(image_folder, tmp_path, epochs=4, knn_every=0, overrides=overrides))
+    peak = trainer.peak_lr
+    for step, expected in ((0, peak), (2, peak), (3, peak / 2), (4, peak / 2), (5, peak / 4), (10, peak / 16)):
+        trainer.set_schedules(TrainingProgress(step, trainer.total_steps, trainer.steps_per_epoch))  # 16 per step
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == [pytest.approx(expected, rel=1e-12)]
+    counting = CountingHparams()
+    assert (counting.lr_schedule, counting.lr_decay_factor, counting.lr_decay_images) == ("exponential", 0.9, 10240000)
+    with pytest.raises(ValueError, match="lr_decay_images > 0"):
+        sslhub.create_model("moco_v2_resnet18_32px", lr_schedule="exponential")
 
 
 def test_lr_scaling_rules_and_group_lr_scale(image_folder, tmp_path):

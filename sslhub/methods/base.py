@@ -43,7 +43,7 @@ from sslhub.transforms import BICUBIC, ViewRecipe, eval_transform, normalize
 if TYPE_CHECKING:
     from sslhub.configuration import SSLConfig
 
-LR_SCHEDULES = ("cosine", "cosine_epoch", "step")
+LR_SCHEDULES = ("cosine", "cosine_epoch", "step", "exponential")
 LR_SCALINGS = ("linear", "sqrt")
 
 
@@ -75,10 +75,13 @@ class MethodHparams:
     epochs: int = hparam(200, "pretraining epochs of the paper's recipe")
     lr_schedule: str = hparam(
         "cosine",
-        "'cosine' (warm-up then half-cosine, per step), 'cosine_epoch' (half-cosine set once per epoch) or 'step' "
-        "(per epoch, after the warm-up)",
+        "'cosine' (warm-up then half-cosine, per step), 'cosine_epoch' (half-cosine set once per epoch), 'step' "
+        "(x lr_decay_factor at each of lr_milestones, after the warm-up) or 'exponential' (x lr_decay_factor every "
+        "lr_decay_images training images, after the warm-up)",
     )
-    lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by 0.1")
+    lr_milestones: tuple[int, ...] = hparam((), "epochs at which the 'step' schedule multiplies lr by lr_decay_factor")
+    lr_decay_factor: float = hparam(0.1, "factor of each decay of the 'step' and 'exponential' schedules")
+    lr_decay_images: int = hparam(0, "the 'exponential' schedule decays lr once every this many training images")
     lr_scaling: str = hparam("linear", "'linear' or 'sqrt' scaling of lr with the batch size")
     sync_batch_norm: bool = hparam(
         False, "BatchNorm statistics of the global batch when training on several processes (SyncBN / global BN)"
@@ -91,6 +94,8 @@ class MethodHparams:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
         if self.lr_schedule == "cosine_epoch" and self.warmup_epochs:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} has no warm-up: set warmup_epochs=0")
+        if self.lr_schedule == "exponential" and self.lr_decay_images <= 0:
+            raise ValueError(f"lr_schedule 'exponential' needs lr_decay_images > 0, got {self.lr_decay_images}")
 
 
 @dataclass

@@ -45,9 +45,9 @@ ahmdtaha/tf_learning_to_count ``nets/model.py``, which reproduces the paper's Al
   at batch 64 the linear rule's 6.25e-6 learns a third as much in the 32 px preset's one-epoch check on the
   built-in digits (kNN +0.11 vs +0.42), and SGD (momentum 0.9) at 10^-4 per 256 +0.18.
 
-Deviations: the ×0.9 per 10K iterations decay is not expressible by sslhub's schedules (x0.1 at epoch milestones):
-the lr stays constant (``lr_schedule`` "step" without milestones; the re-implementation keeps it for 150 epochs,
-then decays it linearly to 10^-7 over the last 100, which sslhub cannot express either); the per-image downsampling
+Deviations: the paper's x0.9 per 10K iterations is counted in images (``lr_schedule`` "exponential",
+``lr_decay_images`` = 10K x 1024), so other batch sizes decay at the same point of training (the re-implementation
+keeps the lr constant for 150 epochs, then decays it linearly to 10^-7 over the last 100); the per-image downsampling
 method (above); the input is normalised with the preset's mean and std (the paper subtracts each image's mean
 intensity and divides by its standard deviation); one forward pass of the encoder over the 5B views together (shared
 BatchNorm statistics: the paper's AlexNet has no BatchNorm).
@@ -87,8 +87,8 @@ DOWNSAMPLING = (
 
 @dataclass
 class CountingHparams(MethodHparams):
-    """The paper's lr 10^-4, constant (the paper: x0.9 every 10K iterations); optimiser (Adam), batch and epochs of
-    ahmdtaha/tf_learning_to_count (module docstring)."""
+    """The paper's lr 10^-4, x0.9 every 10K iterations (of the re-implementation's 1024 images); optimiser (Adam),
+    batch and epochs of ahmdtaha/tf_learning_to_count (module docstring)."""
 
     optimizer: str = "adamw"
     lr: float = 1e-4
@@ -96,8 +96,9 @@ class CountingHparams(MethodHparams):
     lr_scaling: str = "sqrt"
     weight_decay: float = 0.0
     epochs: int = 250
-    lr_schedule: str = "step"
-    lr_milestones: tuple[int, ...] = ()
+    lr_schedule: str = "exponential"
+    lr_decay_factor: float = 0.9
+    lr_decay_images: int = 10_000 * 1024
     margin: float = hparam(10.0, "M of eq. 4: the smallest squared distance to another image's counting vector")
     counting_dim: int = hparam(1000, "entries of the counting vector (the number of counted primitives)")
     hidden_dims: tuple[int, ...] = hparam((4096, 4096), "widths of the fc-ReLU layers before the counting layer")
@@ -247,7 +248,8 @@ register_preset(
         "resnet50",
         description="Learning to count on a timm resnet50: 256 px central square, 228 px random crop, its four 114 px "
         "tiles and its 114 px downsampled copy (random bicubic / bilinear / Lanczos / area), grayscale batches with p "
-        "0.67, fc 4096-4096-1000 + ReLU, M = 10, Adam lr 1e-4 per 1024 (sqrt scaling), 250 epochs",
+        "0.67, fc 4096-4096-1000 + ReLU, M = 10, Adam lr 1e-4 per 1024 (sqrt scaling) x0.9 per 10K x 1024 images, "
+        "250 epochs",
     )
 )
 
