@@ -1,10 +1,12 @@
 """Speed of one pretraining step: sslhub vs. the bare backbone bound vs. the same step built from lightly.
 
 For each method (``METHODS``: MoCo v2, DINO, MAE, SimCLR v1 / v2, BYOL, SimSiam, Barlow Twins, SwAV, iBOT, InstDisc,
-InvaSpread, CMC, CPC v2, SimMIM, BEiT, ConvMAE, DeepMIM, LocalMIM; lightly has no step for the last nine) the script
-reports the median wall time of one optimizer step on pre-made random views (no data loading, no augmentation),
-after warm-up steps. The views have the number and sizes of the views the method's own view recipe makes of one
-image of the preset's size.
+InvaSpread, CMC, CPC v2, SimMIM, BEiT, ConvMAE, DeepMIM, LocalMIM, PixPro, RotNet, Jigsaw, Context prediction,
+Colorization, Counting, Exemplar-CNN, Jigsaw Clustering; lightly has no step for the last seventeen) the script
+reports the median wall time of one optimizer step on one pre-made batch (no data loading, no augmentation in the
+timed steps), after warm-up steps. The batch is made once, before timing, by the method's own view recipe and
+collate from random images of the preset's size: its views and extras (masks, rotation / permutation / position
+ids, boxes) are what the trainer would feed.
 
 - **sslhub step**: exactly what ``sslhub.training.Pretrainer`` does per step: ``on_step_start``,
   ``model(views).loss``, ``backward``, ``on_before_optimizer_step``, ``optimizer.step``, ``zero_grad``, the
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import platform
 import statistics
@@ -91,6 +94,8 @@ from torch import nn
 
 import sslhub
 from sslhub.backbones import is_vision_transformer
+from sslhub.batch import Batch
+from sslhub.data import ImageDataset, ViewDataset
 from sslhub.methods.base import MethodHparams, TrainingProgress, update_momentum_pairs
 from sslhub.modeling import SSLForPreTraining
 from sslhub.optim import create_optimizer
@@ -149,14 +154,18 @@ def timm_model(model: SSLForPreTraining, trained: bool = True) -> nn.Module:
     return timm_backbone(config.backbone, **config.backbone_kwargs, **encoder_kwargs(model, trained))
 
 
-def make_views(model: SSLForPreTraining, batch: int, options: Options, seed: int = 0) -> Views:
-    """Random views of the shapes the method's view recipe makes of one random image of the preset's size."""
+def make_batch(model: SSLForPreTraining, batch: int, options: Options, seed: int = 0) -> Batch:
+    """A batch of ``batch`` random images of the preset's size made by the method's own view recipe and collate, as
+    the trainer makes it: the views and the recipe's extras (masks, rotation / permutation / position ids, boxes)."""
     size = model.config.image_size
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    shapes = [view.shape for view in model.method.view_recipe()(Image.fromarray(pixels)).views]
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
+    recipe = model.method.view_recipe()
+    dataset = ViewDataset(ImageDataset(images, labels=[0] * batch), recipe, seed=seed)
+    made = recipe.collate([dataset[i] for i in range(batch)]).to(options.device)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    views = [torch.randn(batch, *shape, device=options.device) for shape in shapes]
-    return [view.contiguous(memory_format=memory_format) for view in views]
+    made.views = [view.contiguous(memory_format=memory_format) if view.ndim == 4 else view for view in made.views]
+    return made
 
 
 def describe_views(views: Views) -> str:
@@ -180,8 +189,9 @@ def batched_by_size(views: Views) -> Views:
 
 
 # ---- the measured steps -------------------------------------------------------------------------------------------
-def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
-    """The trainer's step (``Pretrainer.train_epoch`` without Accelerate's no-op wrappers on one process)."""
+def sslhub_step(model: SSLForPreTraining, lr: float, options: Options, made: Batch) -> Step:
+    """The trainer's step (``Pretrainer.train_epoch`` without Accelerate's no-op wrappers on one process) on the
+    views with ``made``'s extras."""
     model = options.place(model)
     method = model.method
 
@@ -189,9 +199,9 @@ def sslhub_step(model: SSLForPreTraining, lr: float, options: Options) -> Step:
 
     def forward(views, progress):
         method.on_step_start(progress)
-        size = views[0].shape[0]
+        size = len(made)
         index = (torch.arange(size) + progress.step * size) % BANK_ROWS  # the sample indices of the batch contract
-        return model(views, index=index.to(views[0].device)).loss
+        return model(Batch(views, index.to(made.index.device), None, made.extras)).loss
 
     def after_optimizer_step(progress):
         pairs = method.momentum_pairs()
@@ -415,6 +425,19 @@ METHODS: dict[str, Bench] = {
     "localmim": Bench(
         ("localmim_vit_tiny_patch4_32px", {}, 128), ("localmim_vit_base_patch16_224", {}, 64), all_views, None
     ),
+    # PixPro: both views through the online encoder, both again through the momentum encoder
+    "pixpro": Bench(("pixpro_resnet18_32px", {}, 128), ("pixpro_resnet50", {}, 64), lambda views: (views, views), None),
+    "rotnet": Bench(("rotnet_resnet18_32px", {}, 128), ("rotnet_resnet50", {}, 64), all_views, None),
+    "jigsaw": Bench(("jigsaw_resnet18_32px", {}, 128), ("jigsaw_resnet50", {}, 64), all_views, None),
+    "context_prediction": Bench(
+        ("context_prediction_resnet18_32px", {}, 128), ("context_prediction_resnet50", {}, 64), all_views, None
+    ),
+    "colorization": Bench(("colorization_resnet18_32px", {}, 128), ("colorization_resnet50", {}, 32), all_views, None),
+    "counting": Bench(("counting_resnet18_32px", {}, 128), ("counting_resnet50", {}, 64), all_views, None),
+    "exemplar": Bench(("exemplar_resnet18_32px", {}, 128), ("exemplar_resnet50", {}, 64), all_views, None),
+    "jigsaw_clustering": Bench(
+        ("jigsaw_clustering_resnet18_32px", {}, 128), ("jigsaw_clustering_resnet50", {}, 64), all_views, None
+    ),
 }
 # Rows of the memory banks in the benchmark (CIFAR-10's 50,000 training images).
 BANK_ROWS = 50_000
@@ -427,14 +450,15 @@ def bench_method(method: str, ns: argparse.Namespace, options: Options) -> dict:
     batch = ns.batch_size or default_batch
     model = sslhub.create_model(preset, task="pretraining", **overrides)
     lr = scaled_learning_rate(model.method.hparams, batch)  # the trainer's scaling of the base lr
-    views = make_views(model, batch, options, ns.seed)
+    made = make_batch(model, batch, options, ns.seed)
+    views = made.views
     row = {
         "method": method,
         "config": preset + "".join(f", {k}={v}" for k, v in overrides.items()),
         "batch": batch,
         "views": describe_views(views),
     }
-    builders = {"sslhub": sslhub_step, "bound": bound_step, "lightly": bench.lightly}
+    builders = {"sslhub": functools.partial(sslhub_step, made=made), "bound": bound_step, "lightly": bench.lightly}
     steps = {name: build(model, lr, options) for name, build in builders.items() if build is not None}
     row.update(median_seconds(steps, views, options, ns.warmup, ns.repeats))
     del model, steps
