@@ -12,9 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as nnf
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as tvf
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # what ColorJitter's hue uses
+from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel1d  # GaussianBlur's kernel
 
 from sslhub.batch import Batch, Sample, collate_samples
 
@@ -48,12 +53,16 @@ class ViewRecipe:
 
 
 class MultiView(ViewRecipe):
-    """One transform per view, each an independent draw: ``MultiView([t1, t2])(x).views == [t1(x), t2(x)]``."""
+    """One transform per view, each an independent draw: ``MultiView([t1, t2])(x).views == [t1(x), t2(x)]``. When
+    every transform is a fused ``View``, an RGB PIL image becomes one uint8 tensor that all views crop from."""
 
     def __init__(self, transforms: Sequence[Callable]):
         self.transforms = list(transforms)
+        self.fused = all(isinstance(transform, View) for transform in self.transforms)
 
     def make_views(self, image) -> Views:
+        if self.fused and isinstance(image, Image.Image) and image.mode == "RGB":
+            image = tvf.pil_to_tensor(image)
         return Views([transform(image) for transform in self.transforms])
 
     def __repr__(self) -> str:
@@ -100,12 +109,40 @@ def color_distortion(
     return [jitter, grayscale(grayscale_p)]
 
 
-def blur(size: int, p: float, kernel_size: int | None = None, sigma: tuple[float, float] = (0.1, 2.0)) -> v2.Transform:
-    """Gaussian blur with σ ~ U[``sigma``], with probability ``p``, for ``size`` px views. The official code blurs
-    with PIL (radius σ, no kernel size); the kernel here is SimCLR's: odd, about 10 % of the view side, at least 3,
-    unless ``kernel_size`` is given (DINOv2 uses torchvision's blur with a 9 x 9 kernel)."""
-    kernel = kernel_size or max(3, 2 * (size // 20) + 1)
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
+def simclr_blur_kernel(size: int) -> int:
+    """SimCLR's blur kernel for ``size`` px views (TF ``data_util.random_blur``: ``kernel_size=height // 10``, made odd
+    as ``2 * (kernel_size // 2) + 1``), at least 3: 23 px at 224."""
+    return max(3, 2 * (size // 20) + 1)
+
+
+class PillowGaussianBlur(v2.Transform):
+    """Pillow's Gaussian blur of radius σ ~ U[``sigma``] (``ImageFilter.GaussianBlur(radius=σ)``, no kernel size),
+    as the official MoCo v2 (``moco/loader.py GaussianBlur``), DINO (``utils.GaussianBlur``) and SwAV
+    (``PILRandomGaussianBlur``) blur; σ is drawn from torch's generator (the authors': Python's ``random``), so views
+    stay a function of the sample's seed. On PIL images."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        super().__init__()
+        low, high = (float(s) for s in sigma)
+        if not 0 < low <= high:
+            raise ValueError(f"PillowGaussianBlur: sigma must be a range 0 < low <= high, got {tuple(sigma)}")
+        self.sigma = [low, high]  # a list, as v2.GaussianBlur keeps it
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"sigma": torch.empty(1).uniform_(*self.sigma).item()}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, Image.Image):
+            raise TypeError(f"PillowGaussianBlur blurs PIL images (place it before normalize), got {type(inpt)}")
+        return inpt.filter(ImageFilter.GaussianBlur(params["sigma"]))
+
+
+def blur(p: float, sigma: tuple[float, float] = (0.1, 2.0), kernel_size: int | None = None) -> v2.Transform:
+    """Gaussian blur with σ ~ U[``sigma``], with probability ``p``: Pillow's radius-σ blur (``PillowGaussianBlur``)
+    as the official PyTorch code, or torchvision's blur with a ``kernel_size`` kernel for the recipes whose official
+    code blurs with a kernel (TF SimCLR and BYOL: ``simclr_blur_kernel``; DINOv2: 9)."""
+    piece = PillowGaussianBlur(sigma) if kernel_size is None else v2.GaussianBlur(kernel_size, sigma=sigma)
+    return v2.RandomApply([piece], p=p)
 
 
 def solarize(p: float, threshold: int = 128) -> v2.Transform:
@@ -227,15 +264,171 @@ def lab_input(mean: Sequence[float], std: Sequence[float]) -> list:
     ]
 
 
+# ---- fused views ----------------------------------------------------------------------------------------------------
+# ``View`` runs the pieces below on one uint8 (3, H, W) tensor with the random draws of the torchvision transforms
+# they are (same calls, same order: the same seed gives the same parameters), crop first, uint8 between pieces, one
+# float conversion at the end. Colour work runs on the tensor's numpy planes; Pillow's blur converts to PIL and back.
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
+_HUE_OFFSETS = np.array([5, 3, 1], np.float32).reshape(3, 1, 1)  # R, G, B positions on the hue hexagon
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    return _GRAY_WEIGHTS[0] * x[0] + _GRAY_WEIGHTS[1] * x[1] + _GRAY_WEIGHTS[2] * x[2]
+
+
+def _shift_hue(x: np.ndarray, hue: float) -> np.ndarray:
+    """torchvision's ``adjust_hue`` of float planes (3, H, W) in [0, 255]: the hexcone hue h (``_rgb_to_hsv``, in
+    sextants) shifted by 6·``hue``, value and chroma kept; channel n = V - C·clamp(min(k, 4 - k), 0, 1) with
+    k = (n + h) mod 6, n = 5, 3, 1 for R, G, B (``_hsv_to_rgb`` written without branches)."""
+    r, g, b = x
+    value = np.maximum(np.maximum(r, g), b)
+    chroma = value - np.minimum(np.minimum(r, g), b)
+    is_r = value == r
+    is_g = (value == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    sextant = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
+    k = _HUE_OFFSETS + (sextant / np.maximum(chroma, 1e-6) + 6 * hue)
+    k -= 6 * np.floor(k / 6)
+    return value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def jitter_colors(
+    image: torch.Tensor,
+    order: Sequence[int],
+    brightness: float | None,
+    contrast: float | None,
+    saturation: float | None,
+    hue: float | None,
+) -> torch.Tensor:
+    """``ColorJitter``'s operations (0 brightness, 1 contrast, 2 saturation, 3 hue) in ``order`` on a uint8
+    (3, H, W) tensor, as torchvision's float kernels (each clamps to the range; contrast blends with the mean luma,
+    saturation with the luma), in one float32 pass rounded once. Official PIL code rounds to uint8 after each
+    operation and shifts the hue in 8-bit HSV: pixels differ by a few levels; factors and order are the same."""
+    x = image.numpy().astype(np.float32)
+    for index in order:
+        if index == 0 and brightness is not None:
+            x = np.clip(x * brightness, 0, 255)
+        elif index == 1 and contrast is not None:
+            x = np.clip(contrast * x + (1 - contrast) * _luma(x).mean(), 0, 255)
+        elif index == 2 and saturation is not None:
+            x = np.clip(saturation * x + (1 - saturation) * _luma(x), 0, 255)
+        elif index == 3 and hue is not None:
+            x = _shift_hue(x, hue)
+    return torch.from_numpy(np.rint(x).astype(np.uint8))
+
+
+def pil_grayscale(image: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``convert("L")`` of a uint8 (3, H, W) tensor, repeated to 3 channels: L = (19595 R + 38470 G +
+    7471 B + 2^15) >> 16 (``Convert.c``), what the official ``RandomGrayscale`` on PIL images computes."""
+    r, g, b = image.numpy().astype(np.int32)
+    luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+    return torch.from_numpy(luma.astype(np.uint8)).expand(3, -1, -1)
+
+
+def pillow_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``PillowGaussianBlur`` of a uint8 (3, H, W) tensor (through a PIL image and back)."""
+    blurred = Image.fromarray(image.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(sigma))
+    return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
+
+
+def kernel_blur(image: torch.Tensor, kernel_size: Sequence[int], sigma: Sequence[float]) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (reflected borders, kernel ``kernel_size``, std ``sigma`` per axis) of a uint8
+    (3, H, W) tensor as two 1-D passes: torchvision convolves with the outer product of the same two kernels."""
+    width, height = kernel_size
+    x = nnf.pad(image[None].to(torch.float32), [width // 2, width // 2, height // 2, height // 2], mode="reflect")
+    along_x = _get_gaussian_kernel1d(width, sigma[0], torch.float32, None).view(1, 1, 1, width)
+    along_y = _get_gaussian_kernel1d(height, sigma[1], torch.float32, None).view(1, 1, height, 1)
+    x = nnf.conv2d(nnf.conv2d(x, along_x.expand(3, 1, 1, width), groups=3), along_y.expand(3, 1, height, 1), groups=3)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _solarize(image: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``solarize``: values >= ``threshold`` inverted (``255 - v``), as one 256-entry lookup."""
+    levels = np.arange(256, dtype=np.uint8)
+    return torch.from_numpy(np.where(levels >= threshold, 255 - levels, levels).take(image.numpy()))
+
+
+def _drawn(transform) -> bool:
+    """The gate of a random transform applied with probability p, drawn as torchvision does."""
+    return bool(torch.rand(1) < transform.p)
+
+
+def _fused_crop(transform: v2.RandomResizedCrop, image: torch.Tensor) -> torch.Tensor:
+    params = transform.make_params([image])
+    return tvf.resized_crop(image, **params, size=transform.size, interpolation=transform.interpolation, antialias=True)
+
+
+def _fused_apply(transform: v2.RandomApply, image: torch.Tensor) -> torch.Tensor:
+    if _drawn(transform):
+        for inner in transform.transforms:
+            image = _FUSED[type(inner)](inner, image)
+    return image
+
+
+def _fused_jitter(transform: v2.ColorJitter, image: torch.Tensor) -> torch.Tensor:
+    params = transform.make_params([image])
+    return jitter_colors(
+        image,
+        params["fn_idx"].tolist(),
+        params["brightness_factor"],
+        params["contrast_factor"],
+        params["saturation_factor"],
+        params["hue_factor"],
+    )
+
+
+_FUSED: dict[type, Callable] = {
+    v2.RandomResizedCrop: _fused_crop,
+    v2.RandomApply: _fused_apply,
+    v2.RandomHorizontalFlip: lambda t, image: image.flip(-1) if _drawn(t) else image,
+    v2.ColorJitter: _fused_jitter,
+    v2.RandomGrayscale: lambda t, image: pil_grayscale(image) if _drawn(t) else image,
+    v2.RandomSolarize: lambda t, image: _solarize(image, t.threshold) if _drawn(t) else image,
+    PillowGaussianBlur: lambda t, image: pillow_blur(image, t.make_params([image])["sigma"]),
+    v2.GaussianBlur: lambda t, image: kernel_blur(image, t.kernel_size, t.make_params([image])["sigma"]),
+}
+
+
+def _fusable(transform) -> bool:
+    return type(transform) in _FUSED and all(_fusable(t) for t in getattr(transform, "transforms", []))
+
+
+class View(v2.Compose):
+    """One view, ``v2.Compose([*pieces, *normalize(mean, std)])`` (what ``view`` builds from pieces it can fuse),
+    run fused on an RGB PIL image or a uint8 (3, H, W) tensor: the same random draws as the composed transforms, the
+    crop on the uint8 tensor (torchvision's antialiased resize, Pillow's resampling within one level), the colour
+    pieces in numpy (``jitter_colors``, ``pil_grayscale``), one float conversion at the end.
+    Other inputs run the composed transforms."""
+
+    def __init__(self, pieces: Sequence[Callable], mean: Sequence[float], std: Sequence[float]):
+        super().__init__([*pieces, *normalize(mean, std)])
+        self.pieces = list(pieces)
+        self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
+
+    def forward(self, *inputs: Any) -> Any:
+        image = inputs[0] if len(inputs) == 1 else None
+        if isinstance(image, Image.Image) and image.mode == "RGB":
+            image = tvf.pil_to_tensor(image)
+        elif not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[:-2] == (3,)):
+            return super().forward(*inputs)
+        image = image.as_subclass(torch.Tensor)
+        for piece in self.pieces:
+            image = _FUSED[type(piece)](piece, image)
+        return (image.to(torch.float32, memory_format=torch.contiguous_format) - self.offset) * self.scale
+
+
 def view(*pieces: v2.Transform | Sequence[v2.Transform], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """One view: the ``pieces`` in order (a piece may be a list of transforms), then ``normalize``."""
+    """One view: the ``pieces`` in order (a piece may be a list of transforms), then ``normalize``; a fused ``View``
+    when every piece is one it fuses (crop, flip, jitter, grayscale, blur, solarise)."""
     flat = [t for piece in pieces for t in (piece if isinstance(piece, list | tuple) else [piece])]
+    if all(_fusable(t) for t in flat) and len(mean) == 3:
+        return View(flat, mean, std)
     return v2.Compose([*flat, *normalize(mean, std)])
 
 
 def asymmetric_pair(
     crop_transform: v2.Transform,
-    size: int,
     mean: Sequence[float],
     std: Sequence[float],
     blur_p: tuple[float, float] = (1.0, 0.1),
@@ -244,13 +437,14 @@ def asymmetric_pair(
 ) -> list[v2.Compose]:
     """BYOL's asymmetric views (arXiv 2006.07733, Table 6), as MoCo v3 and DINO use them: ``crop_transform``, flip,
     colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), then blur with p=``blur_p[i]`` and solarise
-    (threshold 128) with p=``solarize_p[i]`` for view i."""
+    (threshold 128) with p=``solarize_p[i]`` for view i. The blur is Pillow's (radius σ), or torchvision's with a
+    ``blur_kernel_size`` kernel (``blur``)."""
     return [
         view(
             crop_transform,
             flip(),
             color_distortion(saturation=0.2),
-            blur(size, blur_p[i], blur_kernel_size),
+            blur(blur_p[i], kernel_size=blur_kernel_size),
             *([solarize(solarize_p[i])] if solarize_p[i] > 0 else []),
             mean=mean,
             std=std,

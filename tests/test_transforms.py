@@ -4,13 +4,34 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 import sslhub
 from sslhub.methods.moco import moco_views
+from sslhub.methods.simclr import SimCLRV2Hparams, simclr_views
 from sslhub.registry import get_method
-from sslhub.transforms import MultiView, Views, color_distortion, eval_transform
+from sslhub.transforms import (
+    BICUBIC,
+    BILINEAR,
+    MultiView,
+    PillowGaussianBlur,
+    View,
+    Views,
+    blur,
+    color_distortion,
+    crop,
+    eval_transform,
+    flip,
+    grayscale,
+    jitter_colors,
+    kernel_blur,
+    pil_grayscale,
+    pillow_blur,
+    simclr_blur_kernel,
+    solarize,
+    view,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the presets' (ImageNet) mean and std
 
@@ -54,14 +75,16 @@ def test_moco_v2_gives_two_different_views_of_the_same_shape(image):
     assert not torch.equal(views[0], views[1])
 
 
-def test_blur_kernel_is_odd_about_a_tenth_of_the_image_and_at_least_3():
-    def kernel(size):
-        blur = find(moco_views(size, MEAN, STD, (0.2, 1.0), aug_plus=True).transforms[0], v2.GaussianBlur)[0]
-        assert tuple(blur.sigma) == (0.1, 2.0)
-        return tuple(blur.kernel_size)
-
-    assert [kernel(224), kernel(96), kernel(32), kernel(8)] == [(23, 23), (9, 9), (3, 3), (3, 3)]
-    assert tuple(find(method_recipe("moco_v2"), v2.GaussianBlur)[0].kernel_size) == (3, 3)  # the 32 px preset
+def test_blur_is_pillows_radius_sigma_blur_unless_a_kernel_is_given():
+    """MoCo v2 blurs with PIL's radius σ (``moco/loader.py``); SimCLR keeps TF's kernel of ~10 % of the side."""
+    (pillow,) = find(moco_views(224, MEAN, STD, (0.2, 1.0), aug_plus=True).transforms[0], PillowGaussianBlur)
+    assert pillow.sigma == [0.1, 2.0] and not find(method_recipe("moco_v2"), v2.GaussianBlur)
+    assert [simclr_blur_kernel(size) for size in (224, 96, 32, 8)] == [23, 9, 3, 3]
+    simclr = simclr_views(224, MEAN, STD, SimCLRV2Hparams())
+    assert [tuple(b.kernel_size) for b in find(simclr, v2.GaussianBlur)] == [(23, 23)] * 2
+    assert tuple(blur(0.5, kernel_size=9).transforms[0].kernel_size) == (9, 9)  # DINOv2's
+    with pytest.raises(ValueError, match="sigma"):
+        PillowGaussianBlur((0.0, 2.0))
 
 
 def test_color_distortion_of_strength_s_is_simclrs():
@@ -188,3 +211,154 @@ def test_eval_transform_resizes_to_size_over_crop_pct_then_centre_crops():
     framed[16:240, 16:240] = 0
     cropped = eval_transform(224, (0, 0, 0), (1, 1, 1))(Image.fromarray(framed))
     assert cropped.shape == (3, 224, 224) and cropped.max() < 0.01
+
+
+# ---- fused view pieces -----------------------------------------------------------------------------------------------
+def smooth_image(size=32, seed=0) -> Image.Image:
+    """Random colours, lightly blurred (image-like: neighbouring pixels correlate)."""
+    noise = np.random.default_rng(seed).integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+    return Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1))
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def test_pillow_blur_is_pils_gaussian_blur_of_radius_sigma():
+    image = smooth_image()
+    expected = image.filter(ImageFilter.GaussianBlur(1.3))
+    assert PillowGaussianBlur().transform(image, {"sigma": 1.3}).tobytes() == expected.tobytes()
+    assert torch.equal(pillow_blur(as_tensor(image), 1.3), as_tensor(expected))
+    with pytest.raises(TypeError, match="PIL"):
+        PillowGaussianBlur()(torch.zeros(3, 8, 8))
+
+
+def test_pillow_blur_draws_sigma_uniformly_from_torchs_generator():
+    piece = PillowGaussianBlur((0.5, 1.5))
+    torch.manual_seed(0)
+    sigmas = np.array([piece.make_params([])["sigma"] for _ in range(4000)])
+    torch.manual_seed(0)
+    assert piece.make_params([])["sigma"] == sigmas[0]  # seeded by torch, as ViewDataset seeds each sample
+    assert sigmas.min() >= 0.5 and sigmas.max() <= 1.5
+    counts, _ = np.histogram(sigmas, bins=4, range=(0.5, 1.5))  # uniform: 1000 per bin, sd ~27
+    assert np.all(np.abs(counts - 1000) < 120), counts
+
+
+def test_blur_is_applied_with_probability_p():
+    image = smooth_image(8)
+    blurred = view(blur(0.3, sigma=(1.0, 2.0)), mean=(0, 0, 0), std=(1, 1, 1))
+    sharp = view(blur(0.0), mean=(0, 0, 0), std=(1, 1, 1))(image)
+    torch.manual_seed(0)
+    applied = [not torch.equal(blurred(image), sharp) for _ in range(1000)]
+    assert abs(np.mean(applied) - 0.3) < 0.05
+
+
+def test_pil_grayscale_is_pillows_convert_l():
+    image = smooth_image()
+    expected = as_tensor(image.convert("L").convert("RGB"))
+    assert torch.equal(pil_grayscale(as_tensor(image)), expected)
+
+
+def test_kernel_blur_is_torchvisions_gaussian_blur():
+    image = as_tensor(smooth_image())
+    for kernel, sigma in (([9, 9], [1.7, 1.7]), ([3, 5], [0.4, 1.1])):
+        expected = v2.functional.gaussian_blur(image, kernel, sigma).int()
+        assert (kernel_blur(image, kernel, sigma).int() - expected).abs().max() <= 1
+
+
+def tv_jitter(image: torch.Tensor, order, brightness, contrast, saturation, hue) -> torch.Tensor:
+    """torchvision's float colour ops one by one, in ``order``: the reference of ``jitter_colors``."""
+    x = image / 255
+    ops = [
+        lambda x: v2.functional.adjust_brightness(x, brightness),
+        lambda x: v2.functional.adjust_contrast(x, contrast),
+        lambda x: v2.functional.adjust_saturation(x, saturation),
+        lambda x: v2.functional.adjust_hue(x, hue),
+    ]
+    for index in order:
+        x = ops[index](x)
+    return x * 255
+
+
+@pytest.mark.parametrize(
+    "order, factors",
+    [
+        ([0, 1, 2, 3], (1.3, 0.7, 1.2, 0.08)),
+        ([3, 2, 1, 0], (0.6, 1.4, 0.0, -0.1)),
+        ([1, 3, 0, 2], (1.0, 1.0, 1.0, 0.5)),
+    ],
+)
+def test_jitter_colors_equals_torchvisions_colour_ops_in_order(order, factors):
+    image = as_tensor(smooth_image())
+    fused = jitter_colors(image, order, *factors)
+    assert fused.dtype == torch.uint8 and fused.shape == image.shape
+    assert (fused.float() - tv_jitter(image, order, *factors)).abs().max() <= 0.5 + 1e-3  # one rounding
+    pil = tv_jitter_pil(smooth_image(), order, *factors)  # the official path: uint8 after each op, 8-bit HSV
+    difference = (fused.int() - pil.int()).abs()
+    assert difference.float().mean() < 2 and difference.max() <= 8  # PIL truncates to uint8 after each of 4 ops
+
+
+def tv_jitter_pil(image: Image.Image, order, brightness, contrast, saturation, hue) -> torch.Tensor:
+    ops = [
+        lambda x: v2.functional.adjust_brightness(x, brightness),
+        lambda x: v2.functional.adjust_contrast(x, contrast),
+        lambda x: v2.functional.adjust_saturation(x, saturation),
+        lambda x: v2.functional.adjust_hue(x, hue),
+    ]
+    for index in order:
+        image = ops[index](image)
+    return as_tensor(image)
+
+
+def composed(fused: View) -> v2.Compose:
+    """The same transforms run one by one by torchvision (on a PIL image: the official path)."""
+    return v2.Compose(fused.transforms)
+
+
+def test_fused_view_equals_the_composed_transforms_for_the_same_seed():
+    """Crop (torchvision's uint8 antialiased resize: Pillow's within one level), flip, grayscale, Pillow
+    blur, solarise: the composed pipeline's tensor; the same random draws (the generator ends in the same state)."""
+    image = smooth_image(40)
+    pieces = crop(24, (0.3, 1.0), BILINEAR), flip(), grayscale(0.5), blur(0.5), solarize(0.5)
+    fused = view(*pieces, mean=(0, 0, 0), std=(1 / 255,) * 3)  # in levels
+    assert isinstance(fused, View)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        got, after = fused(image), torch.rand(1)
+        torch.manual_seed(seed)
+        expected, expected_after = composed(fused)(image), torch.rand(1)
+        assert type(got) is torch.Tensor and got.is_contiguous() and got.shape == (3, 24, 24)
+        assert (got - expected).abs().max() <= 1 + 1e-3 and (got - expected).abs().mean() < 0.5
+        assert after == expected_after
+
+
+def test_fused_view_with_jitter_and_bicubic_crop_is_close_to_the_composed_one():
+    image = smooth_image(40)
+    fused = view(crop(24, (0.3, 1.0), BICUBIC), flip(), color_distortion(), blur(1.0), mean=(0, 0, 0), std=(1, 1, 1))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        got = fused(image)
+        torch.manual_seed(seed)
+        difference = (got - composed(fused)(image)).abs() * 255
+        assert difference.mean() < 2 and difference.max() <= 10, seed  # a few levels: rounding, not other draws
+
+
+def test_views_other_than_fusable_pieces_are_composed_and_other_inputs_run_composed(image):
+    assert type(view(v2.Resize(16), mean=MEAN, std=STD)) is v2.Compose
+    fused = view(crop(16), flip(), mean=MEAN, std=STD)
+    torch.manual_seed(0)
+    gray = fused(image.convert("L"))  # not RGB: torchvision's transforms as they are
+    torch.manual_seed(0)
+    assert torch.equal(gray, composed(fused)(image.convert("L")))
+
+
+def test_multi_view_of_fused_views_equals_each_view_on_the_image(image):
+    recipe = method_recipe("dino", local_crops_number=2, local_crop_size=16)
+    assert recipe.fused
+    torch.manual_seed(3)
+    together = recipe(image).views
+    torch.manual_seed(3)
+    one_by_one = [transform(image) for transform in recipe.transforms]
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one, strict=True))
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(together, recipe(image).views, strict=True))  # a function of the seed

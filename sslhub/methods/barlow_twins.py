@@ -152,12 +152,10 @@ class BarlowTwins(SSLMethod):
     def view_recipe(self):
         """``main.py`` ``Transform``: BYOL's asymmetric pair with bicubic random resized crops (scale 0.08-1), flip,
         colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), Gaussian blur (p 1.0 / 0.1, σ in [0.1, 2]) and
-        solarisation (p 0.0 / 0.2), in the official order. The blur is torchvision's with a kernel of ~10 % of the
-        view side (``sslhub.transforms.blur``); the official code blurs with PIL (radius σ, no kernel size)."""
+        solarisation (p 0.0 / 0.2), in the official order; the blur is Pillow's of radius σ, as the official code."""
         cfg, hp = self.config, self.hparams
         pair = asymmetric_pair(
             crop(cfg.image_size, (0.08, 1.0), BICUBIC),
-            cfg.image_size,
             cfg.image_mean,
             cfg.image_std,
             blur_p=tuple(hp.blur_p),

@@ -25,7 +25,7 @@ from sslhub.losses import normalized_mse
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, TrainingProgress, cosine_schedule, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BICUBIC, MultiView, asymmetric_pair, crop
+from sslhub.transforms import BICUBIC, MultiView, asymmetric_pair, crop, simclr_blur_kernel
 
 
 @dataclass
@@ -193,11 +193,11 @@ class BYOL(SSLMethod):
         crop_transform = crop(cfg.image_size, (hp.crop_scale_min, 1.0), BICUBIC)
         pair = asymmetric_pair(
             crop_transform,
-            cfg.image_size,
             cfg.image_mean,
             cfg.image_std,
             blur_p=tuple(hp.blur_prob),
             solarize_p=tuple(hp.solarize_prob),
+            blur_kernel_size=simclr_blur_kernel(cfg.image_size),
         )
         return MultiView(pair)
 

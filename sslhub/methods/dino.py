@@ -86,11 +86,11 @@ def dino_views(global_size: int, local_size: int, hp, mean: Sequence[float], std
         crop(local_size, hp.local_crops_scale, BICUBIC),
         flip(),
         color_distortion(saturation=0.2),
-        blur(local_size, p=0.5),
+        blur(p=0.5),
         mean=mean,
         std=std,
     )
-    return MultiView(asymmetric_pair(global_crop, global_size, mean, std) + [local] * hp.local_crops_number)
+    return MultiView(asymmetric_pair(global_crop, mean, std) + [local] * hp.local_crops_number)
 
 
 DINO_ARGS = (  # main_dino.py arguments with the same meaning as sslhub's DINO hyperparameters

@@ -116,11 +116,11 @@ class DINOv2Views(MultiView):
             crop(local_size, hp.local_crops_scale, BICUBIC),
             flip(),
             color_distortion(saturation=0.2),
-            blur(local_size, p=0.5, kernel_size=9),
+            blur(p=0.5, kernel_size=9),
             mean=mean,
             std=std,
         )
-        pair = asymmetric_pair(global_crop, global_size, mean, std, blur_p=(0.0, 0.9), blur_kernel_size=9)
+        pair = asymmetric_pair(global_crop, mean, std, blur_p=(0.0, 0.9), blur_kernel_size=9)
         super().__init__(pair + [local] * hp.local_crops_number)
         grid = (global_size // patch_size, global_size // patch_size)
         self.mask_generator = BlockMaskingGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])

@@ -38,8 +38,7 @@ Evaluation: the released encoder is the backbone; ``main_lincls.py`` trains a li
 images, the README's command, no weight decay, 100 epochs, steps at 60 / 80) on the global-average-pooled res5
 feature of whole 224 px images (``pooler_output``), after a bilinear resize to 256 and a centre crop.
 
-Deviations: the blur is torchvision's (a kernel of about 10 % of the tile, sslhub's ``blur``) where the authors blur
-with PIL; region boxes use integer pixel edges (PIL's ``crop`` rounds the authors' float boxes the same way).
+Deviations: region boxes use integer pixel edges (PIL's ``crop`` rounds the authors' float boxes the same way).
 Not verified: the exact container of the released ``JigClu_200e.pth`` (not downloadable here): ``main.py`` saves
 ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` with the DDP ``module.encoder.*`` keys, and a bare state dict of the
 same keys is read too. The paper's text could not be opened here: its equations are written as the code computes them.
@@ -265,7 +264,7 @@ class JigsawClustering(SSLMethod):
     def view_recipe(self):
         cfg, hp = self.config, self.hparams
         size = cfg.image_size // hp.grid
-        tile = view(crop(size, (hp.crop_scale_min, 1.0)), color_distortion(strength=0.5), blur(size, p=0.5), flip(),
+        tile = view(crop(size, (hp.crop_scale_min, 1.0)), color_distortion(strength=0.5), blur(p=0.5), flip(),
                     mean=cfg.image_mean, std=cfg.image_std)  # fmt: skip
         return JigsawTiles(tile, hp.grid, hp.cross_ratio)
 

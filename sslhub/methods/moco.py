@@ -50,7 +50,7 @@ def moco_views(image_size: int, mean, std, scale: tuple[float, float], aug_plus:
     0.4/0.4/0.4/0.1 (p=0.8), grayscale (p=0.2), blur (p=0.5), flip. Without (v1): random resized crop, grayscale
     (p=0.2), colour jitter 0.4/0.4/0.4/0.4 (always), flip."""
     if aug_plus:
-        pieces = [crop(image_size, scale), color_distortion(strength=0.5), blur(image_size, p=0.5), flip()]
+        pieces = [crop(image_size, scale), color_distortion(strength=0.5), blur(p=0.5), flip()]
     else:
         pieces = [crop(image_size, scale), grayscale(0.2), color_jitter(0.4, 0.4, 0.4, 0.4, p=1.0), flip()]
     one = view(*pieces, mean=mean, std=std)

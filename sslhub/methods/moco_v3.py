@@ -163,7 +163,7 @@ class MoCoV3(SSLMethod):
         distribution."""
         cfg = self.config
         crop_transform = crop(cfg.image_size, (self.hparams.crop_scale_min, 1.0))
-        return MultiView(asymmetric_pair(crop_transform, cfg.image_size, cfg.image_mean, cfg.image_std))
+        return MultiView(asymmetric_pair(crop_transform, cfg.image_mean, cfg.image_std))
 
     def momentum_schedule(self, progress: TrainingProgress) -> float:
         """``adjust_moco_momentum``: ``1 - (1 + cos(π t / T)) (1 - m) / 2`` at fractional epoch t of T."""

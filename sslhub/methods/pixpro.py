@@ -17,15 +17,14 @@ momentum pixels x' of the other, summed over both directions. The momentum encod
 the released runs: ``--pixpro-ins-loss-weight 0``) is BYOL's: an instance projector (MLP2d) and predictor on the
 map, average pooled, against the momentum instance projector, ``-2 cos`` symmetrised, times its weight.
 
-Deviations: crops draw with torch's random generator (the authors': Python's ``random``), blur with torchvision's
-kernel (PIL's radius), as the other sslhub recipes; the momentum copies update after each optimizer step (the
-official code at the start of the next forward pass, the same sequence) and K is the trainer's step count (theirs:
-``int(N / world / batch x epochs)``, which can differ by a fraction of an epoch with ``drop_last``); the instance
-branch averages the whole map (theirs: ``AvgPool2d(7)``, the same on a 7x7 map); LARS has no ε = 1e-8 in its trust
-ratio; mixed precision (apex O1) is the trainer's option, not a hyperparameter. ``pixpro_resnet18_32px`` keeps a
-4x4 map with timm's ``output_stride=8`` (dilated layer3 / layer4, as the authors' ``resnet50_16s`` dilates layer4;
-at stride 32 a 32 px image gives one pixel, no pairs). Not verified: the released files' exact top-level entries
-(the Drive files are not read here; ``publish_model.py`` keeps ``{'model': ...}``).
+Deviations: crops draw with torch's random generator (the authors': Python's ``random``); the momentum copies update
+after each optimizer step (the official code at the start of the next forward pass, the same sequence) and K is the
+trainer's step count (theirs: ``int(N / world / batch x epochs)``, which can differ by a fraction of an epoch with
+``drop_last``); the instance branch averages the whole map (theirs: ``AvgPool2d(7)``, the same on a 7x7 map); LARS has
+no ε = 1e-8 in its trust ratio; mixed precision (apex O1) is the trainer's option, not a hyperparameter.
+``pixpro_resnet18_32px`` keeps a 4x4 map with timm's ``output_stride=8`` (dilated layer3 / layer4, as the authors'
+``resnet50_16s`` dilates layer4; at stride 32 a 32 px image gives one pixel, no pairs). Not verified: the released
+files' exact top-level entries (the Drive files are not read here; ``publish_model.py`` keeps ``{'model': ...}``).
 """
 
 from __future__ import annotations
@@ -264,7 +263,7 @@ class PixPro(SSLMethod):
         geometric = CropWithBox(cfg.image_size, (hp.crop_scale_min, 1.0), BILINEAR)
         pairs = []
         for blur_p, solarize_p in zip(hp.blur_prob, hp.solarize_prob, strict=True):
-            pieces = [color_distortion(saturation=0.2), blur(cfg.image_size, blur_p)]
+            pieces = [color_distortion(saturation=0.2), blur(blur_p)]
             pieces += [solarize(solarize_p)] if solarize_p > 0 else []
             pairs.append((geometric, view(*pieces, mean=cfg.image_mean, std=cfg.image_std)))
         return BoxedViews(pairs)

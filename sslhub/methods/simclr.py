@@ -58,7 +58,17 @@ from sslhub.losses import (
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
 from sslhub.probes import LinearRecipe
 from sslhub.registry import Preset, PretrainedTag, register_method, register_preset, register_pretrained
-from sslhub.transforms import BICUBIC, MultiView, blur, color_distortion, crop, flip, grayscale, view
+from sslhub.transforms import (
+    BICUBIC,
+    MultiView,
+    blur,
+    color_distortion,
+    crop,
+    flip,
+    grayscale,
+    simclr_blur_kernel,
+    view,
+)
 
 BRIGHTNESS = ("additive", "multiplicative")
 LOSSES = ("nt_xent", "debiased", "hard_negative", "flat_nce", "alignment_uniformity")
@@ -249,7 +259,7 @@ def simclr_views(image_size: int, mean, std, hp: SimCLRHparams) -> MultiView:
     else:
         pieces += color_distortion(hp.color_strength)
     if hp.blur:
-        pieces.append(blur(image_size, p=0.5))
+        pieces.append(blur(p=0.5, kernel_size=simclr_blur_kernel(image_size)))
     one = view(*pieces, mean=mean, std=std)
     return MultiView([one, one])
 

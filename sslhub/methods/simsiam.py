@@ -31,9 +31,7 @@ class SimSiamHparams(MethodHparams):
     predictor d -> 512 -> d with BN on the hidden layer (§3, §4.4); views of MoCo v2 (``main_simsiam.py``);
     SyncBN (``main_simsiam.py`` converts the model with ``convert_sync_batchnorm``).
 
-    The cosine is set once per epoch as ``adjust_learning_rate`` (``lr_schedule="cosine_epoch"``). Deviation from
-    the official code: the Gaussian blur uses ``sslhub.transforms.blur``'s finite kernel (about 10 % of the view
-    side) where the official code blurs with PIL's unbounded kernel.
+    The cosine is set once per epoch as ``adjust_learning_rate`` (``lr_schedule="cosine_epoch"``).
     """
 
     optimizer: str = "sgd"
@@ -64,7 +62,7 @@ def simsiam_views(image_size: int, mean, std, scale: tuple[float, float], blur_p
     p = ``blur_p``, horizontal flip."""
     pieces = [crop(image_size, scale), *color_distortion(strength=0.5)]
     if blur_p > 0:
-        pieces.append(blur(image_size, p=blur_p))
+        pieces.append(blur(p=blur_p))
     one = view(*pieces, flip(), mean=mean, std=std)
     return MultiView([one, one])
 

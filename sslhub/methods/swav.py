@@ -51,8 +51,7 @@ class SwAVHparams(MethodHparams):
     takes ``--base_lr`` as is; at batch 4096 they agree); the warm-up reaches the peak one step after
     ``np.linspace``'s last point; ``freeze_prototypes_epochs`` counts epochs (313 iterations at batch 4096 and 5005
     at batch 256 are one ImageNet epoch plus one step); BatchNorm is synchronised over all processes (the 4096
-    scripts use apex SyncBN in groups of 8 GPUs, the bs256 scripts PyTorch's global SyncBN); the blur is
-    torchvision's with SimCLR's kernel (``sslhub.transforms.blur``) instead of PIL's ``GaussianBlur(radius)``; the
+    scripts use apex SyncBN in groups of 8 GPUs, the bs256 scripts PyTorch's global SyncBN); the
     queue is kept in the first ``queue_length // world_size`` rows of a buffer of ``queue_length`` rows, so that its
     shape does not depend on the number of processes.
     """
@@ -120,7 +119,7 @@ def swav_views(hp: SwAVHparams, image_size: int, mean: Sequence[float], std: Seq
             crop(size, (low, high)),
             flip(),
             color_distortion(strength=1.0),
-            *([blur(size, p=hp.blur_p)] if hp.blur_p > 0 else []),
+            *([blur(p=hp.blur_p)] if hp.blur_p > 0 else []),
             mean=mean,
             std=std,
         )
