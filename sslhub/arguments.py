@@ -30,6 +30,15 @@ def none_or_str(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def worker_count(text: str) -> int | str:
+    """A ``--num-workers`` value: ``auto`` (see ``sslhub.data.num_workers``) or an integer >= 0."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _flag_type(annotation) -> tuple[type, bool]:
     """(scalar type, optional) of a field annotation such as ``int``, ``float | None`` or ``str``."""
     args = typing.get_args(annotation)
@@ -75,7 +84,12 @@ class RunArguments:
 
     image_column: str | None = option(None, "image column of an HF dataset")
     label_column: str | None = option(None, "label column of an HF dataset")
-    num_workers: int = option(0, "data-loading worker processes")
+    num_workers: int | str = option(
+        "auto",
+        "data-loading worker processes, or 'auto': min(8, CPUs available to this process / processes on the machine "
+        "- 1), at least 0",
+        type=worker_count,
+    )
     mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")

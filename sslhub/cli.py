@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from sslhub.arguments import add_dataclass_arguments, dataclass_values
+from sslhub.arguments import add_dataclass_arguments, dataclass_values, worker_count
 from sslhub.registry import get_method, get_preset, get_pretrained, list_models, list_pretrained
 
 PRETRAIN_EXCLUDED = ("overrides",)  # given as --set KEY=VALUE
@@ -153,7 +153,12 @@ def _add_eval_parser(subparsers, parents) -> None:
     common.add_argument("--val-fraction", type=float, default=0.2, help="held out when the data has no split")
     common.add_argument("--seed", type=int, default=0, help="seed of the split and of the linear probe")
     common.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
-    common.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    common.add_argument(
+        "--num-workers",
+        type=worker_count,
+        default="auto",
+        help="data-loading worker processes, or 'auto': min(8, available CPUs - 1), at least 0",
+    )
     common.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     common.add_argument("--no-cache", action="store_true", help="extract features again, do not cache them")
     common.add_argument("--no-card", action="store_true", help="leave the checkpoint's model card as it is")

@@ -2,14 +2,18 @@
 
 Every source becomes an ``ImageDataset`` of RGB PIL images (+ integer labels when known) whose augmentations
 are a pure function of ``(seed, epoch, index)``: views do not depend on workers, prefetching or the number of
-processes, and a resumed run sees exactly the views of an uninterrupted one. ``labelled_splits`` gives the
-(train, evaluation) pair of labelled data that kNN, linear probes and fine-tuning use.
+processes, and a resumed run sees exactly the views of an uninterrupted one. Image folders and HF datasets whose
+decoded images fit in ``DECODED_CACHE_BYTES`` are decoded once, into memory; ``loader_options`` gives the loaders'
+worker settings. ``labelled_splits`` gives the (train, evaluation) pair of labelled data that kNN, linear probes and
+fine-tuning use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import io
 import math
 import os
 import random
@@ -34,6 +38,9 @@ FASHION_MNIST_CLASSES = [
 HF_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
 HELD_OUT_SPLITS = ("validation", "val", "test")
+MAX_AUTO_WORKERS = 8  # "auto" never starts more worker processes than this
+PREFETCH_FACTOR = 2  # batches each worker prepares ahead (torch's default); each one is held in (pinned) memory
+DECODED_CACHE_BYTES = 1 << 30  # image folders whose decoded RGB images fit in this are decoded once, into memory
 ACCEPTED = (
     "'builtin', 'fashion-mnist', a directory saved with datasets' save_to_disk, an imagefolder directory "
     "with metadata.csv / metadata.jsonl, or a folder of images"
@@ -55,6 +62,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: ``os.sched_getaffinity`` (which honours ``taskset`` and cgroup cpusets), else
+    ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def num_workers(value: int | str = "auto") -> int:
+    """Data-loading worker processes for ``value``: a number as given, or ``"auto"``: this process's share of the
+    CPUs (available CPUs / processes on this machine, ``LOCAL_WORLD_SIZE`` under ``torchrun`` and ``accelerate
+    launch``) minus one for the training process itself, at most ``MAX_AUTO_WORKERS`` and at least 0."""
+    if value == "auto":
+        share = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(0, min(MAX_AUTO_WORKERS, share - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"num_workers must be 'auto' or an integer >= 0, got {value!r}")
+    return value
+
+
+def loader_options(workers: int | str, pin_memory: bool, persistent: bool = True) -> dict:
+    """``DataLoader`` keyword arguments for ``workers`` (see ``num_workers``) and pinned memory: with workers, they
+    stay alive across epochs when ``persistent`` (``ImageDataset.set_epoch`` reaches them through shared memory) and
+    each prepares ``PREFETCH_FACTOR`` batches ahead."""
+    count = num_workers(workers)
+    options = {"num_workers": count, "pin_memory": pin_memory}
+    if count:
+        options |= {"persistent_workers": persistent, "prefetch_factor": PREFETCH_FACTOR}
+    return options
 
 
 def _open(item) -> Image.Image:
@@ -97,7 +136,8 @@ class ImageDataset(Dataset):
     ``images`` is list-like: PIL images (any mode), image file paths or uint8 arrays. ``__getitem__`` runs the
     transform with the RNGs seeded from ``(seed, epoch, index)`` (``set_epoch`` before each epoch) and leaves
     the global RNG states as they were. ``fingerprint`` identifies images that are costly to hash one by one
-    (an HF dataset's fingerprint); ``None`` when the items themselves identify the data.
+    (an HF dataset's fingerprint); ``None`` when the items themselves identify the data. ``decoded``, when given,
+    holds every item already decoded to an RGB uint8 array (``image_folder``'s in-memory cache), read instead.
     """
 
     def __init__(
@@ -108,26 +148,35 @@ class ImageDataset(Dataset):
         transform: Callable | None = None,
         seed: int = 0,
         fingerprint: str | None = None,
+        decoded: Sequence[np.ndarray] | None = None,
     ):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        if decoded is not None and len(decoded) != len(images):
+            raise ValueError(f"{len(decoded)} decoded images for {len(images)} images")
         self.images = images
         self.labels = None if labels is None else [int(label) for label in labels]
         self.classes = None if classes is None else list(classes)
         self.transform = transform
         self.seed = seed
         self.fingerprint = fingerprint
-        self.epoch = 0
+        self.decoded = decoded
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent loader workers
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """The epoch of the views, here and in the worker processes that hold a copy of this dataset."""
+        self._epoch.fill_(epoch)
 
     def __getitem__(self, index: int) -> tuple:
         index = range(len(self))[index]  # negative indices get the same views as their positive twins
-        image = to_rgb(_open(self.images[index]))
+        image = to_rgb(_open(self.images[index] if self.decoded is None else self.decoded[index]))
         label = -1 if self.labels is None else self.labels[index]
         if self.transform is None:
             return image, label
@@ -192,25 +241,46 @@ def _list_files(directory: Path) -> list[Path]:
     return sorted(files)
 
 
-def _is_image(path: Path) -> bool:
-    if path.suffix.lower() not in Image.registered_extensions():
-        return False
+def _decoded_bytes(source) -> int | None:
+    """Bytes of an image (a path or a binary file object) decoded to RGB, from its header once ``verify`` has checked
+    the file; ``None`` when it is not a readable image."""
+    if isinstance(source, Path) and source.suffix.lower() not in Image.registered_extensions():
+        return None
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.verify()
-        return True
+            return 3 * image.width * image.height
     except Exception:  # PIL raises many kinds of errors for corrupt files
-        return False
+        return None
 
 
-def image_folder(directory: Path) -> ImageDataset:
+def _decode(path: Path) -> np.ndarray | None:
+    """``path``'s image as an RGB uint8 array, or ``None`` when it cannot be decoded (e.g. a truncated file)."""
+    try:
+        return np.asarray(to_rgb(_open(path)))
+    except OSError:
+        return None
+
+
+def image_folder(directory: Path, cache_bytes: int = DECODED_CACHE_BYTES) -> ImageDataset:
     """Images found recursively; class = first-level subfolder when every image sits in one, else no labels.
-    Unreadable and non-image files are skipped with one warning that names them."""
+    Unreadable and non-image files are skipped with one warning that names them.
+
+    When the decoded RGB images take at most ``cache_bytes`` (sizes from the file headers), they are decoded once
+    here, in threads, and held as uint8 arrays (``ImageDataset.decoded``; ``images`` stays the file paths): the
+    source images, before any augmentation, so that epochs and worker processes (which share them copy-on-write)
+    never read or decode a file again. Files that verify but fail to decode are skipped too."""
     files = _list_files(directory)
-    with ThreadPoolExecutor() as pool:  # file reads overlap
-        readable = list(pool.map(_is_image, files))
-    images = [file for file, ok in zip(files, readable, strict=True) if ok]
-    skipped = [str(file.relative_to(directory)) for file, ok in zip(files, readable, strict=True) if not ok]
+    with ThreadPoolExecutor() as pool:  # file reads and decoding (PIL releases the GIL) overlap
+        sizes = list(pool.map(_decoded_bytes, files))
+        images = [file for file, size in zip(files, sizes, strict=True) if size is not None]
+        decoded = None
+        if sum(size for size in sizes if size is not None) <= cache_bytes:
+            decoded = list(pool.map(_decode, images))
+            images = [file for file, array in zip(images, decoded, strict=True) if array is not None]
+            decoded = [array for array in decoded if array is not None]
+    kept = set(images)
+    skipped = [str(file.relative_to(directory)) for file in files if file not in kept]
     if skipped:
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         warnings.warn(
@@ -221,19 +291,47 @@ def image_folder(directory: Path) -> ImageDataset:
         raise ValueError(f"No readable images found in {directory}")
     parts = [image.relative_to(directory).parts for image in images]
     if any(len(part) == 1 for part in parts):  # an image outside every subfolder: no classes
-        return ImageDataset(images)
+        return ImageDataset(images, decoded=decoded)
     classes = sorted({part[0] for part in parts})
     index = {name: i for i, name in enumerate(classes)}
-    return ImageDataset(images, [index[part[0]] for part in parts], classes)
+    return ImageDataset(images, [index[part[0]] for part in parts], classes, decoded=decoded)
+
+
+def _hf_decoded(dataset, column: str, cache_bytes: int) -> list[np.ndarray] | None:
+    """The images of ``dataset[column]`` decoded as ``datasets`` decodes them (the feature's ``decode_example``), as
+    RGB uint8 arrays, when they take at most ``cache_bytes`` (sizes from the encoded images' headers); else, or when
+    one cannot be read (left to fail where it is used, as without the cache), ``None``. A table larger than the
+    budget is not looked into: its images, compressed, already take more."""
+    if dataset.data.nbytes > cache_bytes:
+        return None
+    feature = dataset.features[column]
+    encoded = list(dataset.cast_column(column, dataclasses.replace(feature, decode=False))[column])
+    if None in encoded:  # a row without image
+        return None
+    sources = [Path(item["path"]) if item["bytes"] is None else io.BytesIO(item["bytes"]) for item in encoded]
+    with ThreadPoolExecutor() as pool:
+        sizes = list(pool.map(_decoded_bytes, sources))
+        if None in sizes or sum(sizes) > cache_bytes:
+            return None
+        try:
+            return list(pool.map(lambda item: np.asarray(to_rgb(feature.decode_example(item))), encoded))
+        except OSError:
+            return None
 
 
 def hf_dataset(
-    dataset, image_column: str | None = None, label_column: str | None = None, *, name: str = "dataset"
+    dataset,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    *,
+    name: str = "dataset",
+    cache_bytes: int = DECODED_CACHE_BYTES,
 ) -> ImageDataset:
     """A Hugging Face ``datasets.Dataset``: images from ``image_column`` (default: the first ``Image()``
     feature), labels from ``label_column`` (default: the first ``ClassLabel`` feature, else a column named
     "label", else none). Other than ``ClassLabel``, integer labels are kept as class ids and other values are
-    numbered in sorted order."""
+    numbered in sorted order. Images whose decoded RGB arrays take at most ``cache_bytes`` are decoded once, into
+    memory (``ImageDataset.decoded``), as in ``image_folder``."""
     from datasets import ClassLabel, Value
     from datasets import Image as HFImage
 
@@ -257,7 +355,8 @@ def hf_dataset(
             classes = sorted(set(labels))
             index = {value: i for i, value in enumerate(classes)}
             labels, classes = [index[value] for value in labels], [str(value) for value in classes]
-    return ImageDataset(dataset[image_column], labels, classes, fingerprint=dataset._fingerprint)
+    decoded = _hf_decoded(dataset, image_column, cache_bytes)
+    return ImageDataset(dataset[image_column], labels, classes, fingerprint=dataset._fingerprint, decoded=decoded)
 
 
 def load_image_dataset(
@@ -319,7 +418,8 @@ def subset(dataset: ImageDataset, indices: Sequence[int]) -> ImageDataset:
         fingerprint = hashlib.sha256(f"{dataset.fingerprint}:{list(map(int, indices))}".encode()).hexdigest()[:16]
     labels = None if dataset.labels is None else [dataset.labels[index] for index in indices]
     images = _Selection(dataset.images, indices)
-    return ImageDataset(images, labels, dataset.classes, dataset.transform, dataset.seed, fingerprint)
+    decoded = None if dataset.decoded is None else _Selection(dataset.decoded, indices)
+    return ImageDataset(images, labels, dataset.classes, dataset.transform, dataset.seed, fingerprint, decoded)
 
 
 def stratified_split(dataset: ImageDataset, val_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
@@ -393,7 +493,9 @@ def _with_classes(dataset: ImageDataset, classes: list[str], where: str) -> Imag
         raise ValueError(f"{where} has class(es) {unknown} that the training data lacks ({classes})")
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[dataset.classes[label]] for label in dataset.labels]
-    return ImageDataset(dataset.images, labels, classes, dataset.transform, dataset.seed, dataset.fingerprint)
+    return ImageDataset(
+        dataset.images, labels, classes, dataset.transform, dataset.seed, dataset.fingerprint, dataset.decoded
+    )
 
 
 def labelled_splits(
@@ -455,7 +557,9 @@ class ViewDataset(Dataset):
     ``(seed, epoch, index)`` as in ``ImageDataset``; ``set_epoch`` before each epoch. ``images`` is not modified."""
 
     def __init__(self, images: ImageDataset, recipe: Callable, seed: int = 0):
-        self.images = ImageDataset(images.images, images.labels, images.classes, recipe, seed, images.fingerprint)
+        self.images = ImageDataset(
+            images.images, images.labels, images.classes, recipe, seed, images.fingerprint, images.decoded
+        )
 
     def __len__(self) -> int:
         return len(self.images)

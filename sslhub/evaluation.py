@@ -55,7 +55,7 @@ class FeatureOptions:
     image_column: str | None = None
     label_column: str | None = None
     batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int | str = "auto"
     device: str | None = None
     cache: bool = True
     progress: bool = True

@@ -12,7 +12,6 @@ it on the data it is reported on would overstate its accuracy.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,8 +32,9 @@ from tqdm.auto import tqdm
 
 from sslhub.arguments import RunArguments, none_or_str, option, required_option
 from sslhub.backbones import is_vision_transformer
+from sslhub.checkpointing import check_new_output, restore_checkpoint, run_identity, save_checkpoint
 from sslhub.configuration import SSLConfig
-from sslhub.data import labelled_splits
+from sslhub.data import labelled_splits, loader_options
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
 from sslhub.hub.cards import describe_data, save_model_card
@@ -45,8 +45,6 @@ from sslhub.training import (
     MAX_WARMUP_FRACTION,
     learning_rate_at,
     remaining_batches_of_epoch,
-    restore_checkpoint,
-    save_checkpoint,
     seeded_accelerator,
     tracker_config,
     warmup_steps,
@@ -112,16 +110,16 @@ class FinetuneResult:
 
 @dataclass
 class FinetuneState:
-    """What a checkpoint adds to the Accelerate state: the optimizer step and the validation history."""
+    """What a checkpoint adds to the Accelerate state (``sslhub.checkpointing``): the optimizer step and the
+    validation history."""
 
     step: int = 0
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"json": json.dumps(asdict(self))}
+        return asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
-        values = json.loads(state["json"])
+    def load_state_dict(self, values: dict) -> None:
         self.step, self.history = values["step"], [tuple(item) for item in values["history"]]
 
 
@@ -296,7 +294,6 @@ class Finetuner:
         self.warmup_steps = warmup_steps(args.warmup_epochs, self.steps_per_epoch, self.total_steps)
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.state = FinetuneState()
-        self.accelerator.register_for_checkpointing(self.state)
         self.losses: list[float] = []
         self.report: tuple[int, dict] | None = None  # (step, report) of the latest evaluation
 
@@ -317,9 +314,8 @@ class Finetuner:
             batch_size=self.args.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
-            num_workers=self.args.num_workers,
-            pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.args.seed),  # a new iterator must not draw from the global RNG
+            **loader_options(self.args.num_workers, pin_memory=self.accelerator.device.type == "cuda"),
         )
 
     def set_learning_rate(self, step: int) -> None:
@@ -388,7 +384,8 @@ class Finetuner:
             if end_of_epoch or state.step == self.last_step:
                 self.record_evaluation(bar)
             if state.step % self.args.checkpoint_every == 0 or state.step == self.last_step:
-                save_checkpoint(accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints)
+                checkpoint = {"trainer": state.state_dict(), "run": run_identity(self.args, accelerator.num_processes)}
+                save_checkpoint(accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints, checkpoint)
             if end_of_epoch or state.step >= self.last_step:
                 return
 
@@ -414,7 +411,10 @@ class Finetuner:
 
     def run(self) -> FinetuneResult:
         args, accelerator, state = self.args, self.accelerator, self.state
-        restore_checkpoint(accelerator, args.resume, args.output_dir, state)
+        check_new_output(args.output_dir, args.resume)
+        restore_checkpoint(
+            accelerator, args.resume, args.output_dir, run_identity(args, accelerator.num_processes), state
+        )
         if args.log_with:
             accelerator.init_trackers("sslhub-finetune", config=tracker_config(_settings(args)))
         show = args.progress and accelerator.is_main_process

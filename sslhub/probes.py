@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from sslhub.data import loader_options
 from sslhub.optim import create_optimizer
 
 
@@ -54,7 +55,7 @@ def extract_features(
     model: nn.Module,
     dataset: Dataset,
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,9 @@ def extract_features(
     """
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    pin_memory = torch.device(device).type == "cuda"
+    options = loader_options(num_workers, pin_memory, persistent=False)  # one pass: no workers to keep
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
     features, labels = [], []
     with _eval_mode(model), torch.inference_mode():
         for images, targets in tqdm(loader, desc="Extracting features", disable=not progress):
@@ -144,13 +147,15 @@ def knn_evaluate(
     temperature: float = 0.07,
     batch_size: int = 256,
     progress: bool = True,
+    num_workers: int | str = 0,
 ) -> float:
     """kNN top-1 accuracy of ``model``'s frozen features: train set as memory bank, test set as queries.
 
     Both datasets should already use the evaluation transform (e.g. ``sslhub.transforms.eval_transform``).
     """
-    train_features, train_labels = extract_features(model, train_dataset, batch_size=batch_size, progress=progress)
-    test_features, test_labels = extract_features(model, test_dataset, batch_size=batch_size, progress=progress)
+    options = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
+    train_features, train_labels = extract_features(model, train_dataset, **options)
+    test_features, test_labels = extract_features(model, test_dataset, **options)
     return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k, temperature=temperature)
 
 

@@ -6,19 +6,17 @@ hyperparameters (lr scaled with the batch size, warm-up then cosine or MoCo v1's
 temperature / weight-decay schedules), updates the method's momentum pairs once per optimizer step, and keeps its
 per-process buffers out of DDP's broadcast and in per-process checkpoint files. Checkpoints are Accelerate states
 written atomically, and ``resume`` continues exactly: data order and augmentations are functions of (seed, epoch,
-sample index), and the RNG, model, optimizer and step are restored.
+sample index), and the RNG, model, optimizer and step are restored. The progress bar and the trackers show the
+images per second and the share of step time spent waiting for data (``Throughput``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import re
-import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,8 +29,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sslhub.arguments import RunArguments, option
+from sslhub.checkpointing import check_new_output, restore_checkpoint, run_identity, save_checkpoint
 from sslhub.configuration import SSLConfig
-from sslhub.data import ImageDataset, ViewDataset, load_image_dataset
+from sslhub.data import ImageDataset, ViewDataset, load_image_dataset, loader_options
 from sslhub.distributed import global_batch_norm
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
@@ -43,7 +42,6 @@ from sslhub.optim import create_optimizer
 from sslhub.probes import knn_evaluate
 
 DEFAULT_MODEL = "moco_v2_resnet18_32px"
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 MAX_WARMUP_FRACTION = 0.25  # the linear warm-up never takes more than this share of a run's optimizer steps
 
 
@@ -90,17 +88,17 @@ class PretrainResult:
 
 @dataclass
 class TrainingState:
-    """What a checkpoint adds to the Accelerate state: the optimizer step and the monitor's history."""
+    """What a checkpoint adds to the Accelerate state (``sslhub.checkpointing``): the optimizer step and the
+    monitor's history."""
 
     step: int = 0
     knn_random_init: float | None = None
     knn_history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"json": json.dumps(asdict(self))}
+        return asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
-        values = json.loads(state["json"])
+    def load_state_dict(self, values: dict) -> None:
         self.step, self.knn_random_init = values["step"], values["knn_random_init"]
         self.knn_history = [tuple(item) for item in values["knn_history"]]
 
@@ -190,50 +188,6 @@ def _stratified_subset(indices: list[int], labels, size: int, seed: int) -> list
     return sorted(subset)
 
 
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
-def resolve_resume(resume: str, output_dir: str) -> Path | None:
-    """``"latest"`` (newest checkpoint in ``output_dir``, none is fine) or a checkpoint directory."""
-    if resume == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint directory")
-    return path
-
-
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str, step: int, keep: int, write_per_process: Callable | None = None
-) -> None:
-    """Accelerate state into a temporary directory, renamed into place once complete; keeps the newest ``keep``.
-    ``write_per_process(directory)`` runs on every process before the rename (per-process state)."""
-    root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    partial = root / f".partial_step_{step:08d}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if write_per_process is not None:
-        write_per_process(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: TrainingState, epochs: int) -> None:
     """The released encoder (``SSLModel``) in ``output_dir`` and the full ``SSLForPreTraining`` in
     ``output_dir/pretraining``, each with its model card; files are moved into place only once all are written."""
@@ -267,16 +221,6 @@ def tracker_config(values: dict) -> dict:
 
 def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
     return tracker_config({**asdict(args), **model.config.method_kwargs, "method": model.config.method})
-
-
-def restore_checkpoint(accelerator: Accelerator, resume: str | None, output_dir: str, state) -> Path | None:
-    """Load the Accelerate state ``resume`` names (``"latest"`` in ``output_dir``, or a directory), if any, into the
-    registered objects, ``state`` (with its ``step``) among them; returns the checkpoint directory."""
-    checkpoint = resolve_resume(resume, output_dir) if resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
-    return checkpoint
 
 
 def _per_process_file(directory: Path, rank: int) -> Path:
@@ -328,6 +272,54 @@ def seeded_accelerator(args) -> Accelerator:
     return accelerator
 
 
+class Throughput:
+    """Images per second and the share of step time spent waiting for data, over the steps since the last ``reset``.
+
+    ``timed(batches)`` iterates ``batches`` and adds the time blocked in each ``next`` (the loader's workers behind,
+    the host-to-device copy) to ``waiting``; ``step(images)`` ends a step that began with the first such wait after
+    the previous one and counts its images (the Pretrainer counts those of all processes, which step together). Step
+    time is this process's wall-clock time, so it includes the GPU's work where the step waits for it (the loss's
+    ``item()``); kNN monitoring and checkpoints between steps are not part of it."""
+
+    def __init__(self):
+        self.reset()
+        self.started: float | None = None
+
+    def reset(self) -> None:
+        self.images, self.seconds, self.waiting = 0, 0.0, 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        start = time.perf_counter()
+        iterator = iter(batches)  # starting the workers counts as waiting too
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waiting += time.perf_counter() - start
+            if self.started is None:
+                self.started = start
+            yield batch
+            start = time.perf_counter()
+
+    def step(self, images: int) -> None:
+        self.seconds += time.perf_counter() - self.started
+        self.images += images
+        self.started = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return min(1.0, self.waiting / self.seconds)
+
+    def metrics(self) -> dict[str, float]:
+        """``perf/images_per_s`` and ``perf/data_wait_fraction`` for the trackers."""
+        return {"perf/images_per_s": self.images_per_second, "perf/data_wait_fraction": self.data_wait_fraction}
+
+
 class Pretrainer:
     """One pretraining run: ``Pretrainer(args).run()``. Built on Accelerate, so the same object runs on one CPU,
     under ``torchrun`` (gloo) and under ``accelerate launch``."""
@@ -357,10 +349,9 @@ class Pretrainer:
             batch_size=args.batch_size,
             shuffle=True,
             drop_last=True,
-            num_workers=args.num_workers,
             collate_fn=recipe.collate,
-            pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(args.seed),  # a new iterator must not draw from the global RNG
+            **loader_options(args.num_workers, pin_memory=self.accelerator.device.type == "cuda"),
         )
         self.images_per_step = global_batch * args.gradient_accumulation_steps
         self.peak_lr = args.lr if args.lr is not None else scaled_learning_rate(self.hparams, self.images_per_step)
@@ -375,10 +366,10 @@ class Pretrainer:
         self.warmup_steps = warmup_steps(self.hparams.warmup_epochs, self.steps_per_epoch, self.total_steps)
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.state = TrainingState()
-        self.accelerator.register_for_checkpointing(self.state)
         config = self.accelerator.unwrap_model(self.model).config
         self.monitor = monitor_datasets(args, self.dataset, self.method.eval_transform(config))
         self.losses: list[float] = []
+        self.throughput = Throughput()
 
     def knn_accuracy(self) -> float | None:
         """Weighted-kNN top-1 of the released encoder (computed on the main process); ``None`` without labels."""
@@ -386,7 +377,9 @@ class Pretrainer:
         if self.monitor is not None and self.accelerator.is_main_process:
             with torch.random.fork_rng(devices=[]):  # the monitor must not change training's random stream
                 released = self.accelerator.unwrap_model(self.model).released_model()
-                accuracy = knn_evaluate(released, *self.monitor, k=self.args.knn_k, progress=False)
+                accuracy = knn_evaluate(
+                    released, *self.monitor, k=self.args.knn_k, progress=False, num_workers=self.args.num_workers
+                )
         self.accelerator.wait_for_everyone()
         return accuracy
 
@@ -434,7 +427,7 @@ class Pretrainer:
         accelerator, state = self.accelerator, self.state
         epoch, batches = remaining_batches_of_epoch(self, self.views)
         micro_losses = []
-        for batch in batches:
+        for batch in self.throughput.timed(batches):
             progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
             with accelerator.accumulate(self.model):
                 self.set_schedules(progress)
@@ -455,18 +448,29 @@ class Pretrainer:
             self.losses.append(torch.stack(micro_losses).mean().item())
             micro_losses = []
             state.step += 1
+            speed = self.throughput
+            speed.step(self.images_per_step)
             bar.update(1)
-            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", epoch=epoch)
+            bar.set_postfix(
+                loss=f"{self.losses[-1]:.4f}",
+                epoch=epoch,
+                img_per_s=f"{speed.images_per_second:.1f}",
+                data_wait=f"{speed.data_wait_fraction:.0%}",
+            )
             if state.step % self.args.log_every == 0:
-                self.log({"train/loss": self.losses[-1], "train/lr": self.optimizer.param_groups[0]["lr"]})
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log({"train/loss": self.losses[-1], "train/lr": lr, **speed.metrics()})
+                speed.reset()
             end_of_epoch = state.step % self.steps_per_epoch == 0
             knn_due = self.args.knn_every > 0 and (state.step // self.steps_per_epoch) % self.args.knn_every == 0
             if (end_of_epoch and knn_due) or state.step == self.last_step:
                 self.record_knn(bar)
             if state.step % self.args.checkpoint_every == 0 or state.step == self.last_step:
+                checkpoint = {"trainer": state.state_dict(), "run": run_identity(self.args, accelerator.num_processes)}
                 save_checkpoint(
-                    accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints, self.write_per_process
-                )
+                    accelerator, self.args.output_dir, state.step, self.args.keep_checkpoints, checkpoint,
+                    self.write_per_process,
+                )  # fmt: skip
             if end_of_epoch or state.step >= self.last_step:
                 return
 
@@ -477,7 +481,10 @@ class Pretrainer:
 
     def run(self) -> PretrainResult:
         args, accelerator, state = self.args, self.accelerator, self.state
-        checkpoint = restore_checkpoint(accelerator, args.resume, args.output_dir, state)
+        check_new_output(args.output_dir, args.resume)
+        checkpoint = restore_checkpoint(
+            accelerator, args.resume, args.output_dir, run_identity(args, accelerator.num_processes), state
+        )
         if checkpoint is not None and self.method.per_process_buffers:
             load_per_process_buffers(self.method, checkpoint, accelerator.process_index, accelerator.num_processes)
         if args.log_with:

@@ -33,11 +33,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def pretrain_silently(model, output_dir, **arguments):
-    """``sslhub.training.pretrain`` of ``model`` into ``output_dir`` without logging, progress bars or intermediate
-    checkpoints; ``arguments``: the other ``PretrainArguments`` (epochs, batch_size, data, ...)."""
+    """``sslhub.training.pretrain`` of ``model`` into ``output_dir`` without logging, progress bars, intermediate
+    checkpoints or loader workers (tests/test_loading.py tests those); ``arguments``: the other ``PretrainArguments``
+    (epochs, batch_size, data, ...)."""
     from sslhub.training import PretrainArguments, pretrain
 
-    arguments = {"log_with": None, "progress": False, "checkpoint_every": 10**6, **arguments}
+    arguments = {"log_with": None, "progress": False, "checkpoint_every": 10**6, "num_workers": 0, **arguments}
     return pretrain(PretrainArguments(model=model, output_dir=str(output_dir), **arguments))
 
 

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 import sslhub
 from sslhub.arguments import dataclass_values
+from sslhub.checkpointing import checkpoint_dirs
 from sslhub.cli import build_parser
 from sslhub.cli import main as cli_main
 from sslhub.finetune import (
@@ -25,7 +26,7 @@ from sslhub.finetune import (
     param_groups,
     train_transform,
 )
-from sslhub.training import checkpoint_dirs, learning_rate_at
+from sslhub.training import learning_rate_at
 
 VIT = "dino_vit_tiny_patch4_32px"
 CNN = "moco_v2_resnet18_32px"

@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 import sslhub
 from sslhub.arguments import dataclass_values
+from sslhub.checkpointing import checkpoint_dirs
 from sslhub.cli import PRETRAIN_EXCLUDED, build_parser
 from sslhub.cli import main as cli_main
 from sslhub.methods import TrainingProgress
@@ -26,7 +27,6 @@ from sslhub.training import (
     MAX_WARMUP_FRACTION,
     PretrainArguments,
     Pretrainer,
-    checkpoint_dirs,
     learning_rate_at,
     pretrain,
     scaled_learning_rate,
@@ -48,6 +48,7 @@ def tiny_args(data, output_dir, **overrides) -> PretrainArguments:
         log_with=None,
         progress=False,
         knn_k=5,
+        num_workers=0,  # loading in worker processes: tests/test_loading.py
     )
     values.update(overrides)
     return PretrainArguments(**values)
