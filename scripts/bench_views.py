@@ -11,6 +11,11 @@ the training step.
 
     python scripts/bench_views.py                       # 1 thread, 224 px and 32 px presets
     python scripts/bench_views.py --sizes 224 --repeats 9 --methods moco_v2 dino
+    python scripts/bench_views.py --device cuda         # + the --augment-on path: deferred views, batched finish
+
+With ``--device`` two columns more: the workers' share of ``--augment-on`` (``DeferredViews``: crops and parameter
+draws, one thread) and the batched finish of a collated batch of ``--batch-size`` images on the device
+(``DeferredViews.apply``, uint8 crops already there, synchronised), both in images/s; "-" for recipes that refuse it.
 
 Time on an idle machine only: a busy one gives outliers.
 """
@@ -34,6 +39,8 @@ from lightly import transforms as lt
 from PIL import Image, ImageFilter
 
 import sslhub
+from sslhub.batch import Sample
+from sslhub.device_views import DeferredViews, deferrable
 
 METHODS = ("moco_v2", "simclr_v2", "byol", "dino", "swav", "simsiam", "mae", "ibot")
 PRESETS = {  # method -> (224 px preset, 32 px preset)
@@ -101,7 +108,23 @@ def rate(transform: Callable, pictures: list[Image.Image], count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def bench(method: str, small: bool, repeats: int) -> dict:
+def batched_rate(deferred: DeferredViews, pictures: list[Image.Image], batch_size: int, device, repeats: int) -> float:
+    """Images/s of ``deferred.apply`` on one collated batch of ``batch_size`` images already on ``device``."""
+    made = [deferred(pictures[i % len(pictures)]) for i in range(batch_size)]
+    batch = deferred.collate([Sample(i, views.views, None, views.extras) for i, views in enumerate(made)]).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    deferred.apply(batch)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        deferred.apply(batch)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return batch_size / statistics.median(seconds)
+
+
+def bench(method: str, small: bool, repeats: int, device: str | None = None, batch_size: int = 256) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = sslhub.create_model(PRESETS[method][small], task="pretraining")
@@ -109,21 +132,32 @@ def bench(method: str, small: bool, repeats: int) -> dict:
     size = model.config.image_size
     pictures = images(32 if small else 256)
     count = 200 if small else 20
-    for transform in (ours, theirs):  # warm-up
+    sides = {"sslhub": ours, "lightly": theirs}
+    if device is not None and deferrable(ours):
+        sides["deferred"] = DeferredViews(ours, method)
+    for transform in sides.values():  # warm-up
         rate(transform, pictures, 2)
-    rates = {"sslhub": [], "lightly": []}
+    rates = {side: [] for side in sides}
     for _ in range(repeats):
-        rates["sslhub"].append(rate(ours, pictures, count))
-        rates["lightly"].append(rate(theirs, pictures, count))
-    sslhub_rate, lightly_rate = (statistics.median(rates[side]) for side in ("sslhub", "lightly"))
-    return {"method": method, "size": size, "sslhub": sslhub_rate, "lightly": lightly_rate}
+        for side, transform in sides.items():
+            rates[side].append(rate(transform, pictures, count))
+    row = {"method": method, "size": size, **{side: statistics.median(rates[side]) for side in sides}}
+    if "deferred" in sides:
+        row["batched"] = batched_rate(sides["deferred"], pictures, batch_size, device, repeats)
+    return row
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | size | sslhub images/s | lightly images/s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+def markdown_table(rows: list[dict], device: str | None = None) -> str:
+    extra = "" if device is None else f" deferred images/s | batched on {device} images/s |"
+    lines = [f"| method | size | sslhub images/s | lightly images/s | ratio |{extra}", "| --- " + "| ---: " * 4 + "|"]
+    if device is not None:
+        lines[1] += " ---: | ---: |"
     for row in rows:
         ratio = row["sslhub"] / row["lightly"]
-        lines.append(f"| {row['method']} | {row['size']} | {row['sslhub']:.1f} | {row['lightly']:.1f} | {ratio:.2f} |")
+        line = f"| {row['method']} | {row['size']} | {row['sslhub']:.1f} | {row['lightly']:.1f} | {ratio:.2f} |"
+        if device is not None:
+            line += "".join(f" {row[key]:.1f} |" if key in row else " - |" for key in ("deferred", "batched"))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -141,10 +175,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 32], choices=[224, 32])
     parser.add_argument("--repeats", type=int, default=5, help="turns per side; the median is reported")
+    parser.add_argument("--device", help="also time the --augment-on path, finishing the views on this device")
+    parser.add_argument("--batch-size", type=int, default=256, help="images of the batch finished on --device")
     ns = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [bench(method, size == 32, ns.repeats) for size in ns.sizes for method in ns.methods]
-    print(markdown_table(rows))
+    rows = [
+        bench(method, size == 32, ns.repeats, ns.device, ns.batch_size) for size in ns.sizes for method in ns.methods
+    ]
+    print(markdown_table(rows, ns.device))
     print(f"\nMachine: {machine_description()}. Median of {ns.repeats} interleaved turns; images/s = images whose")
     print("full set of views was made (PIL RGB images of 256 px for the 224 px presets, 32 px for the 32 px ones).")
 

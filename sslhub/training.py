@@ -32,6 +32,7 @@ from sslhub.arguments import RunArguments, option
 from sslhub.checkpointing import check_new_output, restore_checkpoint, run_identity, save_checkpoint
 from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, ViewDataset, load_image_dataset, loader_options
+from sslhub.device_views import DeferredViews
 from sslhub.distributed import global_batch_norm
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import move_into
@@ -69,6 +70,12 @@ class PretrainArguments(RunArguments):
     knn_k: int = option(20, "neighbours of the kNN monitor")
     knn_max_train: int = option(10000, "at most this many training images in the kNN monitor's memory bank")
     knn_max_test: int = option(2000, "at most this many kNN monitor queries")
+    augment_on: str | None = option(
+        None,
+        "finish the views batched on 'cuda' (this process's GPU) or 'cpu' after loading, with the parameters the "
+        "workers drew (crops stay in the workers): methods whose recipe is not made of fused views refuse it",
+        choices=["cpu", "cuda"],
+    )
 
 
 @dataclass
@@ -337,7 +344,11 @@ class Pretrainer:
         )
         model.method.bind_dataset(len(self.dataset))  # before prepare() and before any resume (run())
         recipe = model.method.view_recipe()
-        self.views = ViewDataset(self.dataset, recipe, args.seed)
+        self.deferred = None if args.augment_on is None else DeferredViews(recipe, model.config.method)
+        if args.augment_on == "cuda" and self.accelerator.device.type != "cuda":
+            raise ValueError(f"--augment-on cuda needs a GPU: this run trains on {self.accelerator.device}")
+        self.augment_device = self.accelerator.device if args.augment_on == "cuda" else torch.device("cpu")
+        self.views = ViewDataset(self.dataset, recipe if self.deferred is None else self.deferred, args.seed)
         global_batch = args.batch_size * self.accelerator.num_processes
         if len(self.dataset) < global_batch:
             raise ValueError(
@@ -431,6 +442,8 @@ class Pretrainer:
             progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
             with accelerator.accumulate(self.model):
                 self.set_schedules(progress)
+                if self.deferred is not None:
+                    batch = self.deferred.apply(batch, self.augment_device)
                 loss = self.model(batch).loss
                 accelerator.backward(loss)
                 micro_losses.append(loss.detach())

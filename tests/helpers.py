@@ -42,6 +42,26 @@ def pretrain_silently(model, output_dir, **arguments):
     return pretrain(PretrainArguments(model=model, output_dir=str(output_dir), **arguments))
 
 
+def tiny_args(data, output_dir, **overrides):
+    """``PretrainArguments`` of a tiny MoCo v2 run (32 px, batch 16, a 64-key queue, 2 epochs) without logging,
+    progress bars or loader workers; ``overrides``: any other arguments."""
+    from sslhub.training import PretrainArguments
+
+    values = dict(
+        model="moco_v2_resnet18_32px",
+        data=str(data),
+        output_dir=str(output_dir),
+        epochs=2,
+        batch_size=16,
+        overrides={"queue_size": 64},
+        log_with=None,
+        progress=False,
+        knn_k=5,
+        num_workers=0,
+    )
+    return PretrainArguments(**{**values, **overrides})
+
+
 def params(module, prefixes):
     """Copies of ``module``'s parameters whose names start with ``prefixes``."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefixes)}

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import tiny_args
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -15,21 +16,6 @@ from sslhub.arguments import worker_count
 from sslhub.cli import build_parser
 from sslhub.data import ImageDataset, image_folder, loader_options, num_workers
 from sslhub.training import PretrainArguments, Pretrainer, Throughput, pretrain
-
-
-def tiny_args(data, output_dir, **overrides) -> PretrainArguments:
-    values = dict(
-        model="moco_v2_resnet18_32px",
-        data=str(data),
-        output_dir=str(output_dir),
-        epochs=2,
-        batch_size=16,
-        overrides={"queue_size": 64},
-        log_with=None,
-        progress=False,
-        knn_every=0,
-    )
-    return PretrainArguments(**{**values, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -70,9 +56,11 @@ def test_num_workers_flags_default_to_auto_and_take_a_number():
 def test_views_do_not_depend_on_workers_and_a_run_resumed_with_workers_is_exact(image_folder, tmp_path, single_thread):
     """0 workers against 2 persistent ones, cut after step 4 (epoch 2, batch 1) and resumed: the same losses. The
     second epoch checks that ``set_epoch`` reaches workers started in the first."""
-    without = pretrain(tiny_args(image_folder, tmp_path / "main", num_workers=0, checkpoint_every=2))
-    first = pretrain(tiny_args(image_folder, tmp_path / "workers", num_workers=2, checkpoint_every=2, max_steps=4))
-    resumed = pretrain(tiny_args(image_folder, tmp_path / "workers", num_workers=2, resume="latest"))
+    without = pretrain(tiny_args(image_folder, tmp_path / "main", num_workers=0, checkpoint_every=2, knn_every=0))
+    first = pretrain(
+        tiny_args(image_folder, tmp_path / "workers", num_workers=2, checkpoint_every=2, max_steps=4, knn_every=0)
+    )
+    resumed = pretrain(tiny_args(image_folder, tmp_path / "workers", num_workers=2, resume="latest", knn_every=0))
     assert len(without.losses) == 6
     assert first.losses + resumed.losses == without.losses
 
@@ -184,7 +172,9 @@ def test_throughput_is_images_over_step_time_and_the_share_blocked_in_the_loader
 
 
 def test_pretraining_shows_and_logs_images_per_second_and_data_wait(image_folder, tmp_path, capsys, single_thread):
-    trainer = Pretrainer(tiny_args(image_folder, tmp_path, num_workers=0, epochs=1, progress=True, log_every=1))
+    trainer = Pretrainer(
+        tiny_args(image_folder, tmp_path, num_workers=0, epochs=1, progress=True, log_every=1, knn_every=0)
+    )
     logged = []
     trainer.log = logged.append
     trainer.run()

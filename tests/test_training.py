@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import pretrain_silently
+from helpers import pretrain_silently, tiny_args
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -35,23 +35,6 @@ from sslhub.training import (
 from sslhub.transforms import lab_to_rgb, rgb_to_lab
 
 SHALLOW = {"backbone_kwargs": {"depth": 2}}  # 2-block ViTs keep the tests fast
-
-
-def tiny_args(data, output_dir, **overrides) -> PretrainArguments:
-    values = dict(
-        model="moco_v2_resnet18_32px",
-        data=str(data),
-        output_dir=str(output_dir),
-        epochs=2,
-        batch_size=16,
-        overrides={"queue_size": 64},
-        log_with=None,
-        progress=False,
-        knn_k=5,
-        num_workers=0,  # loading in worker processes: tests/test_loading.py
-    )
-    values.update(overrides)
-    return PretrainArguments(**values)
 
 
 def test_learning_rate_schedule_is_warmup_then_cosine():
