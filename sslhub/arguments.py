@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import operator
 import types
 import typing
 from typing import Any
 
+BOUND_CHECKS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
-def option(default: Any, help: str, **flag: Any) -> Any:
-    """A dataclass field with its default and one line of help; ``flag`` holds ``argparse`` options that differ
-    from the ones derived from the field's type (``nargs``, ``const``, ``type``, ``choices``, ``metavar``)."""
-    metadata = {"help": help, "flag": flag}
+
+def option(default: Any, help: str, bounds: dict[str, float] | None = None, **flag: Any) -> Any:
+    """A dataclass field with its default and one line of help; ``bounds`` (e.g. ``{">=": 1}``, keys of
+    ``BOUND_CHECKS``) are what ``check_bounds`` holds a number to (``None`` always passes); ``flag`` holds
+    ``argparse`` options that differ from the ones derived from the field's type (``nargs``, ``const``, ``type``,
+    ``choices``, ``metavar``)."""
+    metadata = {"help": help, "flag": flag, "bounds": bounds or {}}
     if isinstance(default, list | dict | set):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -23,6 +29,21 @@ def option(default: Any, help: str, **flag: Any) -> Any:
 def required_option(help: str, **flag: Any) -> Any:
     """A dataclass field without default (a required flag), with one line of help."""
     return dataclasses.field(metadata={"help": help, "flag": flag})
+
+
+def check_bounds(instance: Any) -> None:
+    """Each field of the dataclass ``instance`` within its option's ``bounds``: a ``ValueError`` naming the flag
+    (``--gradient-accumulation-steps must be >= 1, got 0``) otherwise."""
+    for field in dataclasses.fields(instance):
+        value, bounds = getattr(instance, field.name), field.metadata.get("bounds")
+        if value is None or not bounds:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{flag} expects a finite number, got {value!r}")
+        for relation, bound in bounds.items():
+            if not BOUND_CHECKS[relation](value, bound):
+                raise ValueError(f"{flag} must be {relation} {bound}, got {value!r}")
 
 
 def none_or_str(text: str) -> str | None:
@@ -91,16 +112,21 @@ class RunArguments:
         type=worker_count,
     )
     mixed_precision: str = option("no", "'no', 'fp16' or 'bf16'", choices=["no", "fp16", "bf16"])
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps")
-    keep_checkpoints: int = option(2, "how many checkpoints to keep")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (schedules still span --epochs)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", {">=": 1})
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps", {">=": 1})
+    keep_checkpoints: int = option(2, "how many checkpoints to keep", {">=": 1})
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (schedules still span --epochs)", {">=": 1}
+    )
     resume: str | None = option(
         None,
         "continue from the newest checkpoint in --output-dir, or from the checkpoint directory given",
         nargs="?",
         const="latest",
     )
-    log_every: int = option(10, "log the loss every N steps")
+    log_every: int = option(10, "log the loss every N steps", {">=": 1})
     log_with: str | None = option("tensorboard", "Accelerate tracker, or 'none'", type=none_or_str)
     progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        check_bounds(self)

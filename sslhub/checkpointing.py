@@ -2,7 +2,8 @@
 
 A checkpoint is ``OUTPUT/checkpoints/step_NNNNNNNN/``: Accelerate's ``save_state`` (the model as safetensors, the
 optimizer and the RNG states as ``torch.save`` files) and ``sslhub_state.json`` (the trainer's counters and history
-and the identity of the run). It is written into a hidden directory and renamed into place once complete.
+and the identity of the run). It is written into a hidden directory, renamed into place once complete and removed
+when the write fails or is interrupted.
 
 On ``--resume`` every file of the checkpoint that is not safetensors or JSON is first read with
 ``torch.load(weights_only=True)`` (Accelerate's own loader and allow-list: tensors, numbers, plain containers, the
@@ -15,6 +16,7 @@ resuming run's, so a checkpoint is never continued by another run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -27,6 +29,7 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError
 
 from sslhub.conversion.loading import CheckpointError
 
@@ -66,7 +69,9 @@ def save_checkpoint(
 ) -> None:
     """Accelerate's state and ``state`` (JSON values: the trainer's counters and ``run`` identity) into a hidden
     directory, renamed into place once complete; keeps the newest ``keep`` checkpoints. ``write_per_process(dir)``
-    runs on every process before the rename (per-process state)."""
+    runs on every process before the rename (per-process state). A write that fails (a full disk) or is interrupted
+    (Ctrl-C) removes the hidden directory, so only complete checkpoints remain; a failed write is a
+    ``CheckpointError`` naming the directory and its free space."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -74,11 +79,21 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if write_per_process is not None:
-        write_per_process(partial)
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+    try:
+        accelerator.save_state(str(partial))
+        if write_per_process is not None:
+            write_per_process(partial)
+        if accelerator.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except BaseException as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not _is_write_failure(err):
+            raise
+        reason = "the disk is full" if _is_disk_full(err) else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        raise CheckpointError(
+            f"could not write the checkpoint {final.name} into {root} ({_free_space(root)} free there): {reason}; "
+            "free some space (or choose another --output-dir) and continue with --resume latest"
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -87,6 +102,26 @@ def save_checkpoint(
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """An error of writing a file: ``OSError``, safetensors' ``SafetensorError``, or ``torch.save``'s
+    ``RuntimeError`` from its ``PytorchStreamWriter`` (the optimizer's state)."""
+    return isinstance(err, OSError | SafetensorError) or (
+        isinstance(err, RuntimeError) and "PytorchStreamWriter" in str(err)
+    )
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """``ENOSPC``, as an ``OSError`` or inside the message of safetensors' (Rust ``StorageFull``) or torch's error."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return any(marker in str(err) for marker in ("StorageFull", os.strerror(errno.ENOSPC), f"os error {errno.ENOSPC}"))
+
+
+def _free_space(directory: Path) -> str:
+    free = shutil.disk_usage(directory).free
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
 
 
 def safe_load(path: Path) -> Any:

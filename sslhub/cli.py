@@ -15,6 +15,9 @@ from sslhub.arguments import add_dataclass_arguments, dataclass_values, worker_c
 from sslhub.registry import get_method, get_preset, get_pretrained, list_models, list_pretrained
 
 PRETRAIN_EXCLUDED = ("overrides",)  # given as --set KEY=VALUE
+RESUMABLE = ("pretrain", "finetune")  # the commands an interrupted run of can be resumed
+INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+DEBUG_HELP = "on an error, show the Python traceback instead of the one-line message"
 
 
 def _parse_value(text: str):
@@ -34,6 +37,7 @@ def _method_modules_parser() -> argparse.ArgumentParser:
         help="import this module (installed, on PYTHONPATH or in the current directory) first, so that the methods "
         "it registers can be used, e.g. my_pkg.my_method",
     )
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parent
 
 
@@ -53,13 +57,16 @@ def import_method_modules(modules: list[str]) -> None:
 
 
 def _run_list(ns: argparse.Namespace) -> int:
+    """Presets (or releases) whose name matches the pattern: shell-style, or a plain word anywhere in the name
+    (``sslhub list dino`` = ``sslhub list '*dino*'``)."""
+    pattern = ns.pattern if any(char in ns.pattern for char in "*?[") else f"*{ns.pattern}*"
     if ns.pretrained:
-        for name in list_pretrained(ns.pattern):
+        for name in list_pretrained(pattern):
             tag = get_pretrained(name)
             metrics = ", ".join(f"{metric} {value:.1f}" for metric, value in tag.metrics.items())
             print(f"{name:42s} {tag.license:13s} {metrics:28s} {tag.hf_hub_id or tag.url}")
         return 0
-    for name in list_models(ns.pattern):
+    for name in list_models(pattern):
         preset = get_preset(name)
         print(f"{name:32s} {preset.method:10s} {preset.backbone:26s} {preset.image_size:4d}px  {preset.description}")
     return 0
@@ -264,13 +271,18 @@ def _add_convert_parser(subparsers, parents) -> None:
         help="'features': the released encoder; 'pretraining': also heads / teacher / queue",
     )
     parser.add_argument("--layout", default=None, help="checkpoint layout (default: detected from the file)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty output, replacing only sslhub's files there"
+    )
 
 
 def _run_convert(ns: argparse.Namespace) -> int:
     from sslhub.conversion.convert import convert_checkpoint, save_atomically
+    from sslhub.files import check_output_directory
 
+    check_output_directory(ns.output, ns.overwrite, "--overwrite")  # before the conversion's work
     model = convert_checkpoint(ns.model, ns.checkpoint, task=ns.task, layout=ns.layout)
-    save_atomically(model, ns.output)
+    save_atomically(model, ns.output, overwrite=ns.overwrite)
     print(f"Converted {ns.checkpoint} ({ns.model}, {ns.task}) to {ns.output}")
     return 0
 
@@ -282,12 +294,17 @@ def _add_export_parser(subparsers, parents) -> None:
     parser.add_argument("--model", required=True, help="sslhub checkpoint directory or Hub id, or preset.tag")
     parser.add_argument("--format", required=True, choices=["timm", "transformers"])
     parser.add_argument("--output", required=True, help="directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty output, replacing only sslhub's files there"
+    )
 
 
 def _run_export(ns: argparse.Namespace) -> int:
     from sslhub.export import export_timm, export_transformers
     from sslhub.factory import create_model, from_pretrained
+    from sslhub.files import check_output_directory
+
+    check_output_directory(ns.output, ns.overwrite, "--overwrite")  # before loading the model
 
     if "." in ns.model and not Path(ns.model).exists():
         model = create_model(ns.model, pretrained=True)
@@ -345,10 +362,13 @@ RUNNERS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslhub", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     parents = [_method_modules_parser()]
     list_parser = subparsers.add_parser("list", parents=parents, help="list the model presets")
-    list_parser.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'dino_*'")
+    list_parser.add_argument(
+        "pattern", nargs="?", default="*", help="shell-style pattern ('dino_*') or a word the name contains ('dino')"
+    )
     list_parser.add_argument("--pretrained", action="store_true", help="list the releases with official weights")
     hparams_parser = subparsers.add_parser(
         "hparams", parents=parents, help="a preset's method hyperparameters: value and help (the keys of --set)"
@@ -364,13 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; sslhub's own errors print one line (exit status 2) and Ctrl-C one line (130), unless
+    ``--debug`` asks for the traceback."""
     ns = build_parser().parse_args(argv)
     try:
         import_method_modules(getattr(ns, "method_module", []))
         return RUNNERS[ns.command](ns)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError and HubError are ValueErrors
+        if ns.debug:
+            raise
         print(f"sslhub {ns.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if ns.debug:
+            raise
+        hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
+        print(f"sslhub {ns.command}: interrupted{hint}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

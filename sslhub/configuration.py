@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import PretrainedConfig
 
+from sslhub.backbones import POOLINGS
 from sslhub.registry import get_method, get_preset
 
 
@@ -30,6 +32,7 @@ class SSLConfig(PretrainedConfig):
     preset: str | None = None
 
     def __post_init__(self, **kwargs):
+        _check_fields(self)
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -63,6 +66,29 @@ class SSLConfig(PretrainedConfig):
         fields = self.to_dict()
         fields.pop("model_type", None)
         return type(self)(**_merged(fields, overrides))
+
+
+def _check_fields(config: SSLConfig) -> None:
+    """The config fields a ``config.json`` or an override can get wrong: a positive integer ``image_size``, a known
+    ``pooling`` (or None), three finite ``image_mean`` values and three positive ``image_std`` values, dicts of
+    keyword arguments, a backbone name; a ``ValueError`` naming the key otherwise."""
+    if isinstance(config.image_size, bool) or not isinstance(config.image_size, int) or config.image_size < 1:
+        raise ValueError(f"image_size must be a positive integer (pixels), got {config.image_size!r}")
+    if config.pooling is not None and config.pooling not in POOLINGS:
+        raise ValueError(f"pooling {config.pooling!r}: expected one of {POOLINGS} or None")
+    if not isinstance(config.backbone, str) or not config.backbone:
+        raise ValueError(f"backbone must be a timm model name, got {config.backbone!r}")
+    for name in ("backbone_kwargs", "method_kwargs"):
+        if not isinstance(getattr(config, name), dict | None):
+            raise ValueError(f"{name} must be a dict of keyword arguments, got {getattr(config, name)!r}")
+    for name, low in (("image_mean", -math.inf), ("image_std", 0.0)):
+        values = getattr(config, name)
+        numbers = isinstance(values, list | tuple) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in values
+        )
+        if not numbers or len(values) != 3:
+            kind = "positive" if low == 0 else "finite"
+            raise ValueError(f"{name} must be 3 {kind} numbers (one per RGB channel), got {values!r}")
 
 
 def _merged(fields: dict, overrides: dict) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from sslhub.batch import Sample
@@ -38,6 +38,7 @@ FASHION_MNIST_CLASSES = [
 HF_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
 HELD_OUT_SPLITS = ("validation", "val", "test")
+MAX_READ_RETRIES = 50  # consecutive unreadable files an ImageDataset replaces before it gives up (timm's _ERROR_RETRY)
 MAX_AUTO_WORKERS = 8  # "auto" never starts more worker processes than this
 PREFETCH_FACTOR = 2  # batches each worker prepares ahead (torch's default); each one is held in (pinned) memory
 DECODED_CACHE_BYTES = 1 << 30  # image folders whose decoded RGB images fit in this are decoded once, into memory
@@ -97,7 +98,8 @@ def loader_options(workers: int | str, pin_memory: bool, persistent: bool = True
 
 
 def _open(item) -> Image.Image:
-    """An ``ImageDataset`` source item as a PIL image: images pass, arrays are wrapped, paths are read."""
+    """An ``ImageDataset`` source item as a PIL image: images pass, arrays are wrapped, paths are read and turned
+    upright as their EXIF orientation says (``ImageOps.exif_transpose``, as a camera's viewer shows them)."""
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, np.ndarray):
@@ -105,6 +107,7 @@ def _open(item) -> Image.Image:
     try:
         with Image.open(item) as image:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)
     except OSError as error:
         raise OSError(f"cannot read image {item}: {error}") from error
     return image
@@ -138,6 +141,10 @@ class ImageDataset(Dataset):
     the global RNG states as they were. ``fingerprint`` identifies images that are costly to hash one by one
     (an HF dataset's fingerprint); ``None`` when the items themselves identify the data. ``decoded``, when given,
     holds every item already decoded to an RGB uint8 array (``image_folder``'s in-memory cache), read instead.
+
+    A file that turns out unreadable when read (a truncated JPEG of a folder too large to decode at discovery) is
+    skipped with a warning naming it and counted in ``unreadable`` (per process): the next readable item takes its
+    place, with the skipped index's views seed, as timm's ``ImageDataset`` does, up to ``MAX_READ_RETRIES`` in a row.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.fingerprint = fingerprint
         self.decoded = decoded
+        self.unreadable: set[str] = set()
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent loader workers
 
     def __len__(self) -> int:
@@ -174,10 +182,25 @@ class ImageDataset(Dataset):
         """The epoch of the views, here and in the worker processes that hold a copy of this dataset."""
         self._epoch.fill_(epoch)
 
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """(RGB image, label) of item ``index``, or of the next readable item when its file cannot be read."""
+        for retry in range(MAX_READ_RETRIES):
+            item = (index + retry) % len(self)
+            source = self.images[item] if self.decoded is None else self.decoded[item]
+            try:
+                image = to_rgb(_open(source))
+            except OSError as error:
+                if not isinstance(source, str | os.PathLike):
+                    raise
+                self.unreadable.add(str(source))
+                warnings.warn(f"Skipped an unreadable image ({len(self.unreadable)} so far): {error}", stacklevel=3)
+                continue
+            return image, -1 if self.labels is None else self.labels[item]
+        raise OSError(f"{MAX_READ_RETRIES} images in a row from item {index} on cannot be read; the last: {source}")
+
     def __getitem__(self, index: int) -> tuple:
         index = range(len(self))[index]  # negative indices get the same views as their positive twins
-        image = to_rgb(_open(self.images[index] if self.decoded is None else self.decoded[index]))
-        label = -1 if self.labels is None else self.labels[index]
+        image, label = self._read(index)
         if self.transform is None:
             return image, label
         with _seeded_rngs(view_seed(self.seed, self.epoch, index)):
@@ -233,10 +256,18 @@ def fashion_mnist(split: str) -> ImageDataset:
 
 def _list_files(directory: Path) -> list[Path]:
     """Every file under ``directory`` outside hidden files and folders, following links as torchvision's
-    ImageFolder does; sorted."""
-    files = []
+    ImageFolder does but entering no directory twice (by its real path): a link back to a parent (a loop) or a
+    second link to a folder already walked adds nothing, and a real folder wins over a link to it beside it;
+    sorted."""
+    files, walked = [], {os.path.realpath(directory)}
     for root, folders, names in os.walk(directory, followlinks=True):
-        folders[:] = [folder for folder in folders if not folder.startswith(".")]
+        kept = []
+        for folder in sorted(folders, key=lambda name: (os.path.islink(os.path.join(root, name)), name)):
+            real = os.path.realpath(os.path.join(root, folder))
+            if not folder.startswith(".") and real not in walked:
+                walked.add(real)
+                kept.append(folder)
+        folders[:] = kept
         files += [Path(root, name) for name in names if not name.startswith(".")]
     return sorted(files)
 

@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from sslhub.configuration import SSLConfig
+from sslhub.conversion.loading import CheckpointError
 from sslhub.data import ImageDataset, dataset_fingerprint, labelled_splits
 from sslhub.factory import create_model, create_transform, from_pretrained
 from sslhub.files import cache_root, write_atomically
@@ -102,6 +103,18 @@ def feature_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Weights that are not finite (a run that diverged, a damaged file) give chance-level features that would be
+    reported as an accuracy: a ``CheckpointError`` naming them."""
+    state = model.state_dict()
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(
+            f"{name}: {len(bad)} of its {len(state)} weight tensors hold NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}), as after a diverged run, so sslhub does not evaluate it"
+        )
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the model's class, config (JSON) and every state-dict tensor (name, dtype, shape and bytes)."""
     config = getattr(model, "config", None)
@@ -171,6 +184,9 @@ def _prepare(model, data, options: dict) -> _Run:
     train, test, data_name = _datasets(data, options)  # bad data fails before a model is downloaded
     source, checkpoint_dir = (model, None) if isinstance(model, nn.Module) else load_model(model)
     encoder = feature_model(source)
+    config = getattr(encoder, "config", None)
+    model_name = str(model) if not isinstance(model, nn.Module) else getattr(config, "preset", None) or "model"
+    check_finite_weights(encoder, model_name)
     if options.device is None and not isinstance(model, nn.Module):  # a model we loaded: the best device there is
         options.device = "cuda" if torch.cuda.is_available() else "cpu"
     if options.device is not None:
@@ -178,8 +194,6 @@ def _prepare(model, data, options: dict) -> _Run:
     transform = _model_transform(encoder, options.transform)
     train.transform = test.transform = transform
     model_hash = model_fingerprint(encoder)
-    config = getattr(encoder, "config", None)
-    model_name = str(model) if not isinstance(model, nn.Module) else getattr(config, "preset", None) or "model"
     described = {"model": model_name, "data": data_name or "in-memory data"}
     return _Run(
         model=encoder,

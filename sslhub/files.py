@@ -4,6 +4,7 @@ half-written one."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -19,6 +20,23 @@ def cache_root() -> Path:
     ``~/.cache/sslhub``."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sslhub"
     return Path(os.environ.get(CACHE_ENV, default))
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (with its parents) and write and delete a probe file in it: an output directory that is a
+    file, read-only or on a read-only file system (``/sys``) is a ``ValueError`` naming it before any work, not an
+    ``OSError`` at the first checkpoint."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"output directory {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".sslhub-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"output directory {directory} is not writable: {error.strerror or error}") from None
+    return directory
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -39,25 +57,49 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-@contextmanager
-def atomic_directory(directory: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """A fresh staging directory next to ``directory``, renamed to ``directory`` when the block succeeds (replacing
-    a non-empty one only with ``overwrite``) and deleted when it fails."""
+# Weight files of an earlier save that a new one into the same directory removes when it does not write them
+# (transformers' shards and their index, the legacy pickle), so that no loader picks old weights beside the new ones.
+STALE_WEIGHTS = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|pytorch_model\.bin")
+
+
+class OutputDirectoryError(FileExistsError, ValueError):
+    """An output directory sslhub refuses to write into; the message names it and the flag that would allow it."""
+
+
+def check_output_directory(directory: str | os.PathLike, overwrite: bool, flag: str = "overwrite=True") -> Path:
+    """``directory`` if sslhub may write its files there: absent, empty, or non-empty with ``overwrite``;
+    ``OutputDirectoryError`` naming ``flag`` (``--overwrite`` on the command line) otherwise."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace it")
+    if directory.exists() and not directory.is_dir():
+        raise OutputDirectoryError(f"{directory} exists and is not a directory; choose another output")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise OutputDirectoryError(
+            f"{directory} is not empty; pass {flag} to replace sslhub's files in it (other files are kept)"
+        )
+    return directory
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh staging directory next to ``directory``, for files only; deleted when the block fails. When it
+    succeeds, a new or empty ``directory`` is replaced by it in one rename; a non-empty one (only with
+    ``overwrite``) gets its files, each moved in with one atomic rename (replacing the files of those names), and loses
+    the ``STALE_WEIGHTS`` this save does not write: other files, such as the user's, are never touched."""
+    directory = check_output_directory(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    staging = directory.with_name(f".{directory.name}.tmp-{token}")
+    staging = directory.with_name(f".{directory.name}.tmp-{secrets.token_hex(4)}")
     staging.mkdir()
     try:
         yield staging
-        if directory.exists() and any(directory.iterdir()):
-            previous = directory.rename(directory.with_name(f".{directory.name}.old-{token}"))
-            staging.rename(directory)
-            shutil.rmtree(previous)
-        else:
+        if not (directory.is_dir() and any(directory.iterdir())):
             staging.replace(directory)
+            return
+        written = set(os.listdir(staging))
+        for stale in os.listdir(directory):
+            if STALE_WEIGHTS.fullmatch(stale) and stale not in written and (directory / stale).is_file():
+                (directory / stale).unlink()
+        for name in sorted(written, key=lambda name: name == "config.json"):  # the config last: readers find it
+            os.replace(staging / name, directory / name)  # with the new weights already in place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -36,14 +36,16 @@ from sslhub.checkpointing import check_new_output, restore_checkpoint, run_ident
 from sslhub.configuration import SSLConfig
 from sslhub.data import labelled_splits, loader_options
 from sslhub.factory import create_model, from_pretrained
-from sslhub.files import move_into
+from sslhub.files import check_writable, move_into
 from sslhub.hub.cards import describe_data, save_model_card
 from sslhub.modeling import SSLForImageClassification
 from sslhub.registry import get_method
 from sslhub.reporting import add_results_to_model_card, classification_report, save_report
 from sslhub.training import (
     MAX_WARMUP_FRACTION,
+    DivergenceGuard,
     learning_rate_at,
+    loader_batches,
     remaining_batches_of_epoch,
     seeded_accelerator,
     tracker_config,
@@ -69,28 +71,32 @@ class FinetuneArguments(RunArguments):
     output_dir: str = option(
         "sslhub-finetune", "where the fine-tuned model, metrics.json, confusion_matrix.png and checkpoints go"
     )
-    epochs: int = option(100, "number of epochs (MAE ViT-B: 100)")
-    batch_size: int = option(64, "images per process and micro-batch (MAE main_finetune.py; its ViT-B run: 32 x 32)")
-    lr: float | None = option(None, "absolute peak learning rate (default: --base-lr x global batch / 256)")
-    base_lr: float = option(5e-4, "learning rate per 256 images (MAE ViT-B: 5e-4)")
-    min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
-    layer_decay: float | None = option(
-        None, "layer-wise lr decay (default: 0.65 for ViTs as MAE / BEiT ViT-B, 1 = off for others)"
+    epochs: int = option(100, "number of epochs (MAE ViT-B: 100)", {">=": 1})
+    batch_size: int = option(
+        64, "images per process and micro-batch (MAE main_finetune.py; its ViT-B run: 32 x 32)", {">=": 1}
     )
-    drop_path: float = option(0.1, "stochastic depth rate of the backbone (timm drop_path_rate)")
-    mixup: float = option(0.8, "mixup alpha (0: off)")
-    cutmix: float = option(1.0, "cutmix alpha (0: off)")
-    label_smoothing: float = option(0.1, "label smoothing")
-    weight_decay: float = option(0.05, "AdamW weight decay")
-    warmup_epochs: float = option(5.0, f"linear warm-up epochs (at most {MAX_WARMUP_FRACTION:.0%} of the run)")
+    lr: float | None = option(None, "absolute peak learning rate (default: --base-lr x global batch / 256)", {">": 0})
+    base_lr: float = option(5e-4, "learning rate per 256 images (MAE ViT-B: 5e-4)", {">": 0})
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule", {">=": 0})
+    layer_decay: float | None = option(
+        None, "layer-wise lr decay (default: 0.65 for ViTs as MAE / BEiT ViT-B, 1 = off for others)", {">": 0, "<=": 1}
+    )
+    drop_path: float = option(0.1, "stochastic depth rate of the backbone (timm drop_path_rate)", {">=": 0, "<": 1})
+    mixup: float = option(0.8, "mixup alpha (0: off)", {">=": 0})
+    cutmix: float = option(1.0, "cutmix alpha (0: off)", {">=": 0})
+    label_smoothing: float = option(0.1, "label smoothing", {">=": 0, "<": 1})
+    weight_decay: float = option(0.05, "AdamW weight decay", {">=": 0})
+    warmup_epochs: float = option(
+        5.0, f"linear warm-up epochs (at most {MAX_WARMUP_FRACTION:.0%} of the run)", {">=": 0}
+    )
     auto_augment: str | None = option(
         "rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none': off)", type=none_or_str
     )
-    reprob: float = option(0.25, "random erasing probability")
-    clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
+    reprob: float = option(0.25, "random erasing probability", {">=": 0, "<=": 1})
+    clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)", {">": 0})
     seed: int = option(0, "random seed: split, data order and augmentations are functions of it")
     val_fraction: float = option(
-        0.2, "share of the images held out for validation when the data has no validation split"
+        0.2, "share of the images held out for validation when the data has no validation split", {">": 0, "<": 1}
     )
 
 
@@ -242,16 +248,6 @@ def train_transform(config: SSLConfig, args: FinetuneArguments) -> NumpySeeded:
     return NumpySeeded(_with_safe_posterize(transforms.Compose(steps)))
 
 
-def _save_files(model: SSLForImageClassification, target: Path, recipe: dict) -> None:
-    """``save_pretrained`` with a model card stating the fine-tuning ``recipe`` into a temporary directory, then each
-    file moved into ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
-        save_model_card(model.model_card(recipe), tmp)
-        model.save_pretrained(tmp)
-        move_into(tmp, target)
-
-
 def _settings(args: FinetuneArguments) -> dict:
     return {k: v for k, v in asdict(args).items() if k not in ("resume", "progress", "log_with", "output_dir")}
 
@@ -262,6 +258,7 @@ class Finetuner:
 
     def __init__(self, args: FinetuneArguments):
         self.args = args
+        check_writable(args.output_dir)
         self.accelerator = seeded_accelerator(args)
         train, val = labelled_splits(
             args.data,
@@ -296,6 +293,9 @@ class Finetuner:
         self.state = FinetuneState()
         self.losses: list[float] = []
         self.report: tuple[int, dict] | None = None  # (step, report) of the latest evaluation
+        self.guard = DivergenceGuard(
+            self.accelerator, self.accelerator.unwrap_model(self.model), args.output_dir, "lower --lr or --base-lr"
+        )
 
     def _check_batch(self, size: int, global_batch: int) -> None:
         if size < global_batch:
@@ -368,12 +368,12 @@ class Finetuner:
         accelerator, state = self.accelerator, self.state
         epoch, batches = remaining_batches_of_epoch(self, self.train_data)
         micro_losses = []
-        for images, labels in batches:
+        for images, labels in loader_batches(batches):
             with accelerator.accumulate(self.model):
                 micro_losses.append(self.train_step(images, labels))
             if not accelerator.sync_gradients:
                 continue
-            self.losses.append(torch.stack(micro_losses).mean().item())
+            self.losses.append(self.guard.check(state.step + 1, torch.stack(micro_losses).mean()))
             micro_losses = []
             state.step += 1
             bar.update(1)
@@ -391,11 +391,23 @@ class Finetuner:
 
     def save(self, report: dict) -> None:
         """The classifier (with its model card) in ``output_dir``, ``metrics.json`` + ``confusion_matrix.png`` of
-        ``report``, and the validation top-1 in the card's ``model-index``."""
-        args, output = self.args, Path(self.args.output_dir)
+        ``report``, and the validation top-1 in the card's ``model-index``; all written into a staging directory
+        and moved into place only once complete, so a failure leaves the previous files."""
+        output = Path(self.args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output, prefix=".partial_") as tmp:
+            staging = Path(tmp) / output.resolve().name  # the card's model name is its directory's
+            staging.mkdir()
+            self._write(report, staging)
+            move_into(staging, output)
+
+    def _write(self, report: dict, output: Path) -> None:
+        """The files of ``save`` into ``output``."""
+        args, model = self.args, self.accelerator.unwrap_model(self.model)
         recipe = {"data": args.data, "steps": self.state.step, "peak lr": self.peak_lr, "layer_decay": self.layer_decay}
         recipe |= {key: value for key, value in _settings(args).items() if key not in ("data", "lr", "layer_decay")}
-        _save_files(self.accelerator.unwrap_model(self.model), output, recipe)
+        save_model_card(model.model_card(recipe), output)
+        model.save_pretrained(output)
         data_name, dataset_id = describe_data(args.data)
         details = {
             "class_names": self.classes,

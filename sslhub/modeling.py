@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -19,10 +23,12 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from sslhub.batch import Batch
 from sslhub.configuration import SSLConfig
-from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.keys import preview
+from sslhub.conversion.loading import CheckpointError, non_finite
 from sslhub.hub.cards import render_model_card, save_model_card
 from sslhub.hub.download import HUB_KWARGS
 from sslhub.hub.push import push_checkpoint
@@ -48,6 +54,68 @@ def _restore_unsaved_buffers(model: nn.Module, meta_model: nn.Module, config: SS
         for name, buffer in model.named_buffers():
             if name in names:
                 buffer.copy_(built[name])
+
+
+# What a directory saved from each class holds, for the refusal of a task it cannot give.
+SAVED_CONTENTS = {"SSLModel": "encoder only", "SSLForImageClassification": "encoder and classifier"}
+
+
+def _weights_file(path) -> str:
+    """The ``model.safetensors`` of a checkpoint directory (or Hub id), for messages."""
+    return str(Path(path) / "model.safetensors")
+
+
+def _pretraining_refusal(path, saved: str) -> str:
+    """Why ``path`` (saved from ``saved``) gives no ``SSLForPreTraining``, and where one usually is."""
+    inner = Path(path) / "pretraining"
+    where = (
+        str(inner)
+        if (inner / "config.json").is_file()
+        else "OUT/pretraining of a `sslhub pretrain --output-dir OUT` run"
+    )
+    return (
+        f"{path} holds an {saved} ({SAVED_CONTENTS[saved]}); pretraining needs an SSLForPreTraining directory: {where}"
+    )
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT (a warning of up to hundreds of lines with terminal escape codes) filtered out for
+    one load: ``_check_loaded`` raises one sentence for every problem it reports. A filter, not a higher logger level,
+    which would make transformers warn about tensor-parallel plans instead (``verify_tp_plan``)."""
+    report = hf_logging.get_logger("transformers.modeling_utils")
+    report.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        report.removeFilter(_drop_load_report)
+
+
+def _check_loaded(model: nn.Module, info: dict, path, dropped: tuple[str, ...] = ()) -> None:
+    """``CheckpointError`` for the missing, unexpected (other than ``dropped``, such as the classifier of a
+    classification checkpoint loaded as an encoder), wrong-shape and non-finite tensors of a transformers load."""
+    missing = [key for key in info["missing_keys"] if not key.startswith(model._new_keys)]
+    unexpected = sorted(key for key in info["unexpected_keys"] if not key.startswith(dropped))
+    wrong = [
+        f"{key}: file {tuple(file)} vs model {tuple(expected)}"
+        for key, file, expected in sorted(info["mismatched_keys"])
+        if not key.startswith(model._new_keys)
+    ]
+    if missing or unexpected or wrong:
+        problems = "; ".join(
+            f"{label} ({len(keys)}): {preview(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise CheckpointError(f"{path}: the weights do not match a {type(model).__name__} of this config: {problems}")
+    loaded = {key: value for key, value in model.state_dict().items() if key not in info["missing_keys"]}
+    bad = non_finite(loaded)
+    if bad:
+        raise CheckpointError(f"{_weights_file(path)}: {len(bad)} tensor(s) hold NaN or inf values: {preview(bad)}")
 
 
 class SSLPreTrainedModel(PreTrainedModel):
@@ -97,9 +165,11 @@ class SSLPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' ``from_pretrained``, strict: a checkpoint missing a tensor of this model (other than the ones
-        this class creates, such as a new classifier) or holding one of another shape raises ``CheckpointError``
-        naming them, never loads uninitialised weights. An ``SSLForPreTraining`` checkpoint loads into ``SSLModel``
-        (and ``SSLForImageClassification``) as its released encoder with the trained weights."""
+        this class creates, such as a new classifier), holding one this model and the class it was saved from lack,
+        one of another shape, or one with NaN / inf values raises ``CheckpointError`` naming them, never loads
+        uninitialised weights; so does an unreadable (truncated) ``model.safetensors``, and a pretraining model asked
+        of a directory that holds only an encoder. An ``SSLForPreTraining`` checkpoint loads into ``SSLModel`` (and
+        ``SSLForImageClassification``) as its released encoder with the trained weights."""
         path = pretrained_model_name_or_path
         config = kwargs.get("config")
         if not isinstance(config, SSLConfig):
@@ -109,30 +179,26 @@ class SSLPreTrainedModel(PreTrainedModel):
         if saved == SSLForPreTraining.__name__ and cls is not SSLForPreTraining:
             pretraining = SSLForPreTraining.from_pretrained(path, *args, **{**kwargs, "config": config})
             return cls.from_released_encoder(pretraining.released_model(), config)
+        if cls is SSLForPreTraining and saved in SAVED_CONTENTS:
+            raise CheckpointError(_pretraining_refusal(path, saved))
         want_info = kwargs.pop("output_loading_info", False)
         # transformers raises a bare RuntimeError on a shape mismatch unless told to ignore it; its loading info then
         # lists the mismatches as (key, file shape, model shape), checked here like the missing keys.
         loading = {**kwargs, "config": config, "ignore_mismatched_sizes": True}
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, **loading)
+        try:
+            with _quiet_load_report():
+                model, info = super().from_pretrained(path, *args, output_loading_info=True, **loading)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{_weights_file(path)} is not a readable safetensors file (truncated or corrupt: {err})"
+            ) from err
         with torch.device("meta"):  # the requires_grad flags the modules set when built (frozen key encoders,
             fresh = cls(config)  # MoCo v3's patch projection, DINO's weight_g): transformers 5 loads them all True
         trainable = {name: p.requires_grad for name, p in fresh.named_parameters()}
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
         _restore_unsaved_buffers(model, fresh, config)
-        missing = [key for key in info["missing_keys"] if not key.startswith(cls._new_keys)]
-        wrong = [
-            f"{key}: file {tuple(file)} vs model {tuple(expected)}"
-            for key, file, expected in sorted(info["mismatched_keys"])
-            if not key.startswith(cls._new_keys)
-        ]
-        if missing or wrong:
-            problems = "; ".join(
-                f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-                for label, keys in (("missing", missing), ("wrong shape", wrong))
-                if keys
-            )
-            raise CheckpointError(f"{path}: the weights do not match a {cls.__name__} of this config: {problems}")
+        _check_loaded(model, info, path, dropped=getattr(TASK_CLASSES.get(saved), "_new_keys", ()))
         return (model, info) if want_info else model
 
     @classmethod
@@ -261,6 +327,9 @@ TASKS: dict[str, type[SSLPreTrainedModel]] = {
     "pretraining": SSLForPreTraining,
     "classification": SSLForImageClassification,
 }
+
+
+TASK_CLASSES = {cls.__name__: cls for cls in TASKS.values()}
 
 
 def model_class(task: str) -> type[SSLPreTrainedModel]:

@@ -145,8 +145,11 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Preset names matching a shell-style ``pattern`` (``'dino_*'``)."""
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Preset names matching a shell-style ``pattern`` (``'dino_*'``); with ``pretrained``, the ``"{preset}.{tag}"``
+    names of the releases matching it, as timm's ``list_models(pretrained=True)`` lists ``model.tag`` names."""
+    if pretrained:
+        return list_pretrained(pattern)
     return sorted(name for name in _PRESETS if fnmatch.fnmatchcase(name, pattern))
 
 

@@ -7,7 +7,8 @@ temperature / weight-decay schedules), updates the method's momentum pairs once 
 per-process buffers out of DDP's broadcast and in per-process checkpoint files. Checkpoints are Accelerate states
 written atomically, and ``resume`` continues exactly: data order and augmentations are functions of (seed, epoch,
 sample index), and the RNG, model, optimizer and step are restored. The progress bar and the trackers show the
-images per second and the share of step time spent waiting for data (``Throughput``).
+images per second and the share of step time spent waiting for data (``Throughput``). A step whose loss or weights
+are not finite stops the run before it is checkpointed or saved (``DivergenceGuard``).
 """
 
 from __future__ import annotations
@@ -25,17 +26,24 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
+from torch.nn.utils import get_total_norm
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sslhub.arguments import RunArguments, option
-from sslhub.checkpointing import check_new_output, restore_checkpoint, run_identity, save_checkpoint
+from sslhub.checkpointing import (
+    check_new_output,
+    checkpoint_dirs,
+    restore_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from sslhub.configuration import SSLConfig
 from sslhub.data import ImageDataset, ViewDataset, load_image_dataset, loader_options
 from sslhub.device_views import DeferredViews
 from sslhub.distributed import global_batch_norm
 from sslhub.factory import create_model, from_pretrained
-from sslhub.files import move_into
+from sslhub.files import check_writable, move_into
 from sslhub.hub.cards import save_model_card
 from sslhub.methods.base import SSLMethod, TrainingProgress, update_momentum_pairs
 from sslhub.modeling import SSLForPreTraining
@@ -44,6 +52,10 @@ from sslhub.probes import knn_evaluate
 
 DEFAULT_MODEL = "moco_v2_resnet18_32px"
 MAX_WARMUP_FRACTION = 0.25  # the linear warm-up never takes more than this share of a run's optimizer steps
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on: its loss or weights stopped being finite, or a data-loading worker died."""
 
 
 @dataclass(kw_only=True)
@@ -56,20 +68,22 @@ class PretrainArguments(RunArguments):
     )
     data: str = option("builtin", "'builtin' (scikit-learn digits), 'fashion-mnist', an image folder or HF dataset dir")
     output_dir: str = option("sslhub-output", "where the models, checkpoints and logs go")
-    epochs: int | None = option(None, "number of epochs (default: the method's)")
-    batch_size: int = option(256, "images per process and step")
-    lr: float | None = option(None, "absolute learning rate (default: the method's base lr scaled to the batch)")
-    warmup_epochs: float | None = option(
-        None, f"linear warm-up epochs (default: the method's; at most {MAX_WARMUP_FRACTION:.0%} of the run)"
+    epochs: int | None = option(None, "number of epochs (default: the method's)", {">=": 1})
+    batch_size: int = option(256, "images per process and step", {">=": 1})
+    lr: float | None = option(
+        None, "absolute learning rate (default: the method's base lr scaled to the batch)", {">": 0}
     )
-    weight_decay: float | None = option(None, "weight decay (default: the method's)")
-    image_size: int | None = option(None, "training image size (default: the preset's)")
+    warmup_epochs: float | None = option(
+        None, f"linear warm-up epochs (default: the method's; at most {MAX_WARMUP_FRACTION:.0%} of the run)", {">=": 0}
+    )
+    weight_decay: float | None = option(None, "weight decay (default: the method's)", {">=": 0})
+    image_size: int | None = option(None, "training image size (default: the preset's)", {">=": 1})
     overrides: dict = option({}, "config fields or method hyperparameters, as create_model takes them")
     seed: int = option(0, "random seed: data order and augmentations are functions of it")
-    knn_every: int = option(1, "weighted-kNN monitor every N epochs when the data has labels (0: off)")
-    knn_k: int = option(20, "neighbours of the kNN monitor")
-    knn_max_train: int = option(10000, "at most this many training images in the kNN monitor's memory bank")
-    knn_max_test: int = option(2000, "at most this many kNN monitor queries")
+    knn_every: int = option(1, "weighted-kNN monitor every N epochs when the data has labels (0: off)", {">=": 0})
+    knn_k: int = option(20, "neighbours of the kNN monitor", {">=": 1})
+    knn_max_train: int = option(10000, "at most this many training images in the kNN monitor's memory bank", {">=": 1})
+    knn_max_test: int = option(2000, "at most this many kNN monitor queries", {">=": 1})
     augment_on: str | None = option(
         None,
         "finish the views batched on 'cuda' (this process's GPU) or 'cpu' after loading, with the parameters the "
@@ -195,30 +209,26 @@ def _stratified_subset(indices: list[int], labels, size: int, seed: int) -> list
     return sorted(subset)
 
 
-def save_final_models(model: SSLForPreTraining, args: PretrainArguments, state: TrainingState, epochs: int) -> None:
+def save_final_models(
+    model: SSLForPreTraining, output_dir: str, training: dict, results: dict[str, float] | None = None
+) -> None:
     """The released encoder (``SSLModel``) in ``output_dir`` and the full ``SSLForPreTraining`` in
-    ``output_dir/pretraining``, each with its model card; files are moved into place only once all are written."""
-    released = model.released_model()
-    training = {
-        "data": args.data,
-        "epochs": epochs,
-        "steps": state.step,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        **model.config.method_kwargs,
-    }
-    results = None
-    if state.knn_history:
-        results = {f"knn_top1_k{args.knn_k}": state.knn_history[-1][1]}
-        training[f"knn_top1_k{args.knn_k}_at_random_init"] = state.knn_random_init
-    output = Path(args.output_dir)
-    for subdir, net in (("", released), ("pretraining", model)):
-        target = output / subdir
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target, prefix=".partial_") as tmp:
-            save_model_card(net.model_card(training, results), tmp)
-            net.save_pretrained(tmp)
-            move_into(tmp, target)
+    ``output_dir/pretraining``, each with its model card (``training``: the run's facts, ``results``: its metrics),
+    written into one staging directory and moved into place only once all are written: a failure leaves the previous
+    files."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    targets = {output: model.released_model(), output / "pretraining": model}
+    with tempfile.TemporaryDirectory(dir=output, prefix=".partial_") as tmp:
+        staged = []
+        for index, (target, net) in enumerate(targets.items()):
+            staging = Path(tmp) / str(index)
+            staging.mkdir()
+            save_model_card(net.model_card(training, results), staging)
+            net.save_pretrained(staging)
+            staged.append((staging, target))
+        for staging, target in staged:
+            move_into(staging, target)
 
 
 def tracker_config(values: dict) -> dict:
@@ -327,12 +337,64 @@ class Throughput:
         return {"perf/images_per_s": self.images_per_second, "perf/data_wait_fraction": self.data_wait_fraction}
 
 
+def loader_batches(batches: Iterable) -> Iterator:
+    """``batches``, with the loader's error for a worker process that died (killed by a signal, most often the
+    kernel's out-of-memory killer) raised as one sentence naming what to do."""
+    try:
+        yield from batches
+    except RuntimeError as err:
+        if not str(err).startswith("DataLoader worker (pid"):
+            raise
+        raise TrainingError(
+            f"a data-loading worker process died ({str(err).strip().rstrip('.')}), most often because the machine ran "
+            "out of memory: lower --num-workers or --batch-size and continue with --resume latest"
+        ) from None
+
+
+class DivergenceGuard:
+    """Stops a run at the first optimizer step whose loss, or whose weights after the step (parameters and floating
+    buffers of ``model``, after the momentum updates; a non-finite gradient makes them so), are not finite on any
+    process, before that step is checkpointed or saved; the message names the step and the last finite loss, and
+    ``hint`` says what to change. ``check`` reads the step's values from the device once (the loss the progress bar
+    shows needs it anyway); with several processes it also averages them, so that all stop together."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, output_dir: str, hint: str):
+        self.accelerator, self.output_dir, self.hint = accelerator, output_dir, hint
+        buffers = [buffer for buffer in model.buffers() if buffer.is_floating_point()]
+        self.tensors = [*model.parameters(), *buffers]
+        self.last_finite: tuple[int, float] | None = None  # (step, loss averaged over the processes)
+
+    def check(self, step: int, loss: torch.Tensor) -> float:
+        """This process's ``loss`` of optimizer step ``step``, or ``TrainingError`` when the loss or the weights of
+        any process are not finite."""
+        largest = get_total_norm(self.tensors, norm_type="inf")  # max |w|: NaN propagates, no overflow
+        values = torch.stack([loss.detach().float(), largest.float().to(loss.device)])
+        local_loss, largest = values.tolist()
+        mean_loss = local_loss
+        if self.accelerator.num_processes > 1:
+            mean_loss, largest = self.accelerator.reduce(values.clone(), reduction="mean").tolist()
+        if math.isfinite(mean_loss) and math.isfinite(largest):
+            self.last_finite = (step, mean_loss)
+            return local_loss
+        what = f"the loss is {mean_loss}" if not math.isfinite(mean_loss) else "the weights are not finite after it"
+        last = "no step had a finite loss"
+        if self.last_finite is not None:
+            last = f"the last finite loss was {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
+        found = checkpoint_dirs(self.output_dir)
+        kept = f"the last checkpoint, {found[-1]} (finite weights), stays" if found else "there is no checkpoint"
+        raise TrainingError(
+            f"training diverged at optimizer step {step}: {what} ({last}); no final model was written and {kept}: "
+            f"{self.hint}"
+        )
+
+
 class Pretrainer:
     """One pretraining run: ``Pretrainer(args).run()``. Built on Accelerate, so the same object runs on one CPU,
     under ``torchrun`` (gloo) and under ``accelerate launch``."""
 
     def __init__(self, args: PretrainArguments):
         self.args = args
+        check_writable(args.output_dir)
         self.accelerator = seeded_accelerator(args)
         model = build_model(args)
         self.hparams = model.method.hparams
@@ -381,6 +443,30 @@ class Pretrainer:
         self.monitor = monitor_datasets(args, self.dataset, self.method.eval_transform(config))
         self.losses: list[float] = []
         self.throughput = Throughput()
+        self.guard = DivergenceGuard(
+            self.accelerator,
+            self.accelerator.unwrap_model(self.model),
+            args.output_dir,
+            "lower --lr, or check the --set values (a temperature near 0 overflows the loss)",
+        )
+
+    def training_facts(self, model: SSLForPreTraining) -> dict:
+        """What this run trained with, for the model card: data, epochs and optimizer steps done (and the schedule's
+        epochs when ``max_steps`` stopped it earlier), images per process and step, processes, accumulation, the peak
+        learning rate, the seed, then the method's hyperparameters without its default ``epochs`` and base ``lr``."""
+        args, steps = self.args, self.state.step
+        epochs = steps / self.steps_per_epoch
+        facts = {"data": args.data, "epochs": int(epochs) if epochs.is_integer() else round(epochs, 3), "steps": steps}
+        if steps < self.total_steps:
+            facts["schedule_epochs"] = self.epochs
+        facts |= {
+            "batch_size": args.batch_size,
+            "processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "lr": self.peak_lr,
+            "seed": args.seed,
+        }
+        return facts | {k: v for k, v in model.config.method_kwargs.items() if k not in ("epochs", "lr")}
 
     def knn_accuracy(self) -> float | None:
         """Weighted-kNN top-1 of the released encoder (computed on the main process); ``None`` without labels."""
@@ -438,7 +524,7 @@ class Pretrainer:
         accelerator, state = self.accelerator, self.state
         epoch, batches = remaining_batches_of_epoch(self, self.views)
         micro_losses = []
-        for batch in self.throughput.timed(batches):
+        for batch in self.throughput.timed(loader_batches(batches)):
             progress = TrainingProgress(state.step, self.total_steps, self.steps_per_epoch)
             with accelerator.accumulate(self.model):
                 self.set_schedules(progress)
@@ -458,7 +544,7 @@ class Pretrainer:
             if pairs:
                 update_momentum_pairs(pairs, self.method.momentum_at(progress))
             self.method.on_step_end(progress)
-            self.losses.append(torch.stack(micro_losses).mean().item())
+            self.losses.append(self.guard.check(state.step + 1, torch.stack(micro_losses).mean()))
             micro_losses = []
             state.step += 1
             speed = self.throughput
@@ -515,7 +601,13 @@ class Pretrainer:
                 self.train_epoch(bar)
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            save_final_models(model, args, state, self.epochs)
+            results = None
+            if state.knn_history:
+                results = {
+                    f"knn_top1_k{args.knn_k}": state.knn_history[-1][1],
+                    f"knn_top1_k{args.knn_k}_at_random_init": state.knn_random_init,
+                }
+            save_final_models(model, args.output_dir, self.training_facts(model), results)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return PretrainResult(

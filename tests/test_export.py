@@ -100,7 +100,7 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_export_replaces_a_directory_only_when_asked(tmp_path):
+def test_export_replaces_its_own_files_only_when_asked_and_never_the_users(tmp_path):
     model = sslhub.create_model("dino_vit_tiny_patch4_32px")
     target = tmp_path / "out"
     target.mkdir()
@@ -109,8 +109,8 @@ def test_export_replaces_a_directory_only_when_asked(tmp_path):
         export.export_timm(model, target)
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     export.export_timm(model, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "old.txt"]
+    assert (target / "old.txt").read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_cli_export_of_a_saved_checkpoint(tmp_path, images, capsys):

@@ -7,6 +7,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import sslhub
+from sslhub.cli import main as cli_main
 from sslhub.conversion.loading import CheckpointError
 from sslhub.modeling import TASKS, model_class
 
@@ -22,6 +23,17 @@ def test_list_methods_and_models():
     assert "dino_vit_small_patch16_224" in dino and all(name.startswith("dino_") for name in dino)
     for name in ("moco_v2_resnet50", "mae_vit_huge_patch14_224", "dino_resnet50", "dino_vit_base_patch16_224"):
         assert name in sslhub.list_models()
+    releases = sslhub.list_models("dino_*", pretrained=True)  # timm's list_models(pretrained=True): model.tag names
+    assert releases == sslhub.list_pretrained("dino_*") and "dino_vit_small_patch16_224.in1k" in releases
+
+
+def test_cli_list_takes_a_word_the_names_contain(capsys):
+    assert cli_main(["list", "dino"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "dino_vit_small_patch16_224" in listed and "dinov2_vit_small_patch14_518" in listed
+    assert all("dino" in name for name in listed) and "ibot_vit_small_patch16_224" not in listed
+    assert cli_main(["list", "--pretrained", "jigsaw_resnet50"]) == 0
+    assert "jigsaw_resnet50.in1k_perm2k" in capsys.readouterr().out
 
 
 def test_unknown_names_give_clear_errors():

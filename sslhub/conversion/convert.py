@@ -16,7 +16,7 @@ from sslhub.configuration import SSLConfig
 from sslhub.conversion.hf_transformers import convert_hf_encoder
 from sslhub.conversion.keys import Converted, preview
 from sslhub.conversion.layouts import detect_layout, get_layout
-from sslhub.conversion.loading import CheckpointError, load_file_state, load_hf_directory
+from sslhub.conversion.loading import CheckpointError, load_file_state, load_hf_directory, non_finite
 from sslhub.files import atomic_directory
 from sslhub.modeling import SSLForPreTraining, SSLPreTrainedModel, model_class
 from sslhub.registry import layout_methods, list_layouts
@@ -63,12 +63,16 @@ def _mismatch_error(what: str, missing=(), unexpected=(), wrong=()) -> Checkpoin
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``module.load_state_dict(state)`` after checking names and shapes; one error lists every difference."""
+    """``module.load_state_dict(state)`` after checking names, shapes and values; one error lists every difference,
+    another every tensor holding NaN or inf."""
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = _shape_problems(state, expected)
     if missing or unexpected or wrong:
         raise _mismatch_error(what, missing, unexpected, wrong)
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensor(s) hold NaN or inf values: {preview(bad)}")
     module.load_state_dict(state)
 
 
@@ -204,9 +208,13 @@ def convert_checkpoint(
     return build_converted_model(config, converted, task, str(checkpoint))
 
 
-def save_atomically(model: SSLPreTrainedModel, output_dir: str | os.PathLike, card=None) -> Path:
-    """``save_pretrained`` (and ``card``) into a staging directory renamed to ``output_dir`` (replacing it)."""
-    with atomic_directory(output_dir) as staging:
+def save_atomically(
+    model: SSLPreTrainedModel, output_dir: str | os.PathLike, card=None, overwrite: bool = False
+) -> Path:
+    """``save_pretrained`` (and ``card``) into a staging directory moved to ``output_dir``; a non-empty
+    ``output_dir`` only with ``overwrite``, replacing sslhub's files in it and keeping the others
+    (``sslhub.files.atomic_directory``)."""
+    with atomic_directory(output_dir, overwrite) as staging:
         if card is not None:
             card.save(staging / "README.md")
         model.save_pretrained(staging)

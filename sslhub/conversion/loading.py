@@ -41,6 +41,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted; the message names the file and what is wrong."""
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` holding NaN or inf: weights no training produces that
+    sslhub would otherwise load, convert or train from without a word."""
+    return [
+        key
+        for key, value in state.items()
+        if value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all()
+    ]
+
+
+def _refusal_reason(err: Exception) -> str:
+    """What torch's weights-only reader refused (``Unsupported global: GLOBAL os.system ...``), without its advice
+    (rerunning with ``weights_only=False`` or allow-listing the global), which would run the file's code."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    line = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(err).__name__)
+    return line.split(" Please use", 1)[0][:300]
+
+
 def allowed_globals() -> dict[str, object]:
     """Every global a checkpoint may name, by full name: torch's weights-only allow-list and ``SAFE_GLOBALS``."""
     return {**torch._weights_only_unpickler._get_allowed_globals(), **SAFE_GLOBALS}
@@ -72,13 +90,12 @@ def load_file_state(path: str | os.PathLike) -> dict:
         unknown = _unknown_classes(path)  # refuses a file that names real code
         if unknown:
             return load_with_stand_ins(path, unknown)
-        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
-        if reason is None:  # a corrupt pickle stream, not a refused type
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from err
+        if "unsupported global" not in str(err).lower():  # a corrupt pickle stream, not a refused type
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_refusal_reason(err)})") from err
         raise CheckpointError(
-            f"{path}: refused to load: the file needs code beyond weights (torch.load(weights_only=True) failed: "
-            f"{reason[:300]}). sslhub never unpickles arbitrary objects; re-save the state dict with "
-            "torch.save(model.state_dict(), ...) or as safetensors."
+            f"{path}: refused to load: the file needs code beyond weights ({_refusal_reason(err)}); sslhub never "
+            "unpickles arbitrary objects: re-save the state dict with torch.save(model.state_dict(), ...) or as "
+            "safetensors"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
@@ -99,11 +116,12 @@ class StandIn:
 
 
 def _pickled_globals(stream) -> set[tuple[str, str]]:
-    """The ``(module, name)`` pairs one pickle in ``stream`` names with GLOBAL / STACK_GLOBAL (read, not run)."""
+    """The ``(module, name)`` pairs one pickle in ``stream`` names with GLOBAL / STACK_GLOBAL / INST (read, not
+    run)."""
     found, strings, memo, previous = set(), [], {}, None  # previous: the string the last opcode pushed
     for opcode, arg, _ in pickletools.genops(stream):
         pushed = None
-        if opcode.name == "GLOBAL":
+        if opcode.name in ("GLOBAL", "INST"):  # INST: protocol 0's "import module.name and call it"
             found.add(tuple(arg.split(" ", 1)))
         elif opcode.name == "STACK_GLOBAL":
             if len(strings) < 2:
@@ -205,9 +223,8 @@ def load_with_stand_ins(path: Path, names: list[str]):
         with open(path, "rb") as stream:
             return _LegacyReader(stream, stand_ins).read()
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, TypeError, ValueError) as err:
-        reason = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err).splitlines()[0])
         raise CheckpointError(
-            f"{path}: refused to load with stand-ins for {', '.join(names)} ({reason[:300]})"
+            f"{path}: refused to load with stand-ins for {', '.join(names)} ({_refusal_reason(err)})"
         ) from err
 
 

@@ -10,6 +10,7 @@ checkpoint under ``$SSLHUB_CACHE`` (default ``~/.cache/sslhub``), so the next ca
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from sslhub.configuration import SSLConfig
 from sslhub.conversion.convert import build_converted_model, read_checkpoint, save_atomically
 from sslhub.conversion.loading import CheckpointError
-from sslhub.files import cache_root
+from sslhub.files import cache_root, write_atomically
 from sslhub.modeling import model_class
 from sslhub.registry import PretrainedTag, get_method, get_preset, get_pretrained
 
+logger = logging.getLogger(__name__)
 PRETRAINED_DIR_ENV = "SSLHUB_PRETRAINED_DIR"
 CACHE_FORMAT = 2  # bump when converted checkpoints of the same release would be written differently
 
@@ -81,21 +83,48 @@ def _stamp(path: Path) -> dict:
 
 
 def load_pretrained(name: str, task: str = "features", pretrained_path=None, **overrides):
-    """The release ``name`` (``"preset.tag"``) as a ``task`` model, converted on first use and cached."""
+    """The release ``name`` (``"preset.tag"``) as a ``task`` model, converted on first use and cached; a cached
+    conversion that no longer loads (a truncated or edited file, NaN weights) is converted again, with a warning
+    naming it."""
     tag = get_pretrained(name)
     cached_task = "pretraining" if task == "pretraining" else "features"
     path, layout = release_source(tag, cached_task, pretrained_path)
     cache_dir = cache_root() / "converted" / tag.name / cached_task
     stamp = _stamp(path)
     stamp_file = cache_dir / "source.json"
-    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-        converted = read_checkpoint(path, layout or None)
-        config = SSLConfig.from_preset(tag.preset, **tag.overrides)
-        recorded = {k: v for k, v in converted.method_overrides.items() if k in config.method_kwargs}
-        model = build_converted_model(config.with_overrides(**recorded), converted, cached_task, str(path))
-        card = model.model_card(**release_card_fields(tag))
-        save_atomically(model, cache_dir, card)
-        stamp_file.write_text(json.dumps(stamp))
+    if not (stamp_file.is_file() and _read_stamp(stamp_file) == stamp):
+        _convert_into_cache(tag, path, layout, cached_task, cache_dir, stamp)
+        return _load_cached(cache_dir, task, overrides)
+    try:
+        return _load_cached(cache_dir, task, overrides)
+    except (CheckpointError, OSError) as err:  # transformers raises OSError for an unreadable config.json
+        logger.warning("the cached conversion %s does not load (%s): converting %s again", cache_dir, err, path)
+    _convert_into_cache(tag, path, layout, cached_task, cache_dir, stamp)
+    return _load_cached(cache_dir, task, overrides)
+
+
+def _read_stamp(stamp_file: Path) -> dict | None:
+    """The source a cached conversion was made from (``_stamp``), or None when the stamp cannot be read."""
+    try:
+        return json.loads(stamp_file.read_text())
+    except (OSError, ValueError):  # a truncated stamp: the cache is converted again
+        return None
+
+
+def _convert_into_cache(tag: PretrainedTag, path: Path, layout: str, task: str, cache_dir: Path, stamp: dict) -> None:
+    """Convert ``path`` into ``cache_dir`` (sslhub's own directory, replaced) and stamp it with its source; the stamp
+    is removed first, so that a conversion cut short is never taken for a finished one."""
+    (cache_dir / "source.json").unlink(missing_ok=True)
+    converted = read_checkpoint(path, layout or None)
+    config = SSLConfig.from_preset(tag.preset, **tag.overrides)
+    recorded = {k: v for k, v in converted.method_overrides.items() if k in config.method_kwargs}
+    model = build_converted_model(config.with_overrides(**recorded), converted, task, str(path))
+    save_atomically(model, cache_dir, model.model_card(**release_card_fields(tag)), overwrite=True)
+    write_atomically(cache_dir / "source.json", json.dumps(stamp))
+
+
+def _load_cached(cache_dir: Path, task: str, overrides: dict):
+    """The cached conversion as a ``task`` model, ``overrides`` applied to its config; loaded strictly."""
     config = SSLConfig.from_pretrained(cache_dir).with_overrides(**overrides)
     return model_class(task).from_pretrained(cache_dir, config=config, use_safetensors=True)
 

@@ -24,7 +24,11 @@ A method is an ``SSLMethod`` subclass registered with ``@register_method("id")``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -48,6 +52,64 @@ LR_SCALINGS = ("linear", "sqrt")
 
 
 hparam = option  # a hyperparameter field: its default and one line of help (``sslhub hparams MODEL`` shows them)
+
+SCALAR_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is of the field annotation ``annotation``: bool, int (not a bool; numpy's too), float (any
+    finite real number), str, ``X | None``, ``tuple[X, Y]`` / ``tuple[X, ...]`` (a tuple or a JSON list). Other
+    annotations are not checked."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_matches(item, arg) for item, arg in zip(value, args, strict=True))
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    """``annotation`` in words, for an error message: "a finite number or None", "a list of 2 items (...)"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if annotation is type(None):
+        return "None"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of items that are each {_describe(args[0])}"
+        return f"a list of {len(args)} items ({', '.join(_describe(arg) for arg in args)})"
+    return SCALAR_KINDS.get(annotation, str(annotation))
+
+
+def lower_bound(name: str, annotation: Any) -> tuple[int, bool] | None:
+    """(bound, inclusive) that every method's hyperparameter ``name`` keeps, ``None`` when it has none here: the
+    learning rate and temperatures (each divides logits) are > 0; weight decay, the final learning rate and the
+    warm-up >= 0; the epochs and integer sizes (``*_size``: queue, tiles, patches, vocabulary) >= 1."""
+    if name == "lr" or "temperature" in name or name.endswith("_temp"):
+        return 0, False
+    if name in ("weight_decay", "min_lr", "warmup_epochs"):
+        return 0, True
+    if name == "epochs" or (name.endswith("_size") and annotation in (int, int | None)):
+        return 1, True
+    return None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclass
@@ -88,6 +150,15 @@ class MethodHparams:
     )
 
     def __post_init__(self):
+        """Every field against its annotation, then the bounds shared by all methods: ``lower_bound``.
+        Method-specific bounds live in each method's ``__post_init__``, after ``super().__post_init__()``."""
+        types_ = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            value, bound = getattr(self, f.name), lower_bound(f.name, types_[f.name])
+            if not _matches(value, types_[f.name]):
+                raise ValueError(f"expected {_describe(types_[f.name])} for {f.name}, got {value!r}")
+            if bound is not None and value is not None and (value < bound[0] or (value == bound[0] and not bound[1])):
+                raise ValueError(f"{f.name} must be {'>=' if bound[1] else '>'} {bound[0]}, got {value}")
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"lr_scaling {self.lr_scaling!r}: expected one of {LR_SCALINGS}")
         if self.lr_schedule not in LR_SCHEDULES:

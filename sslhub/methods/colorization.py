@@ -71,7 +71,7 @@ from torchvision.transforms import v2
 from sslhub.backbones import TimmEncoder
 from sslhub.batch import Batch
 from sslhub.conversion.keys import CheckpointLayout, Converted
-from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.loading import CheckpointError, load_file_state
 from sslhub.conversion.vissl import VISSL_ZOO, read_vissl, vissl_heads
 from sslhub.distributed import sum_over_processes
 from sslhub.methods.base import MethodHparams, MethodOutput, SSLMethod, hparam
@@ -354,7 +354,7 @@ class Colorization(SSLMethod):
         path = self.hparams.prior_file
         if not path:
             return
-        values = np.load(path) if str(path).endswith(".npy") else torch.load(path, weights_only=True)
+        values = np.load(path) if str(path).endswith(".npy") else load_file_state(path)  # no pickle runs
         prior = torch.as_tensor(np.asarray(values), dtype=torch.float64).flatten()
         if prior.shape != (NUM_BINS,) or (prior < 0).any() or prior.sum() <= 0:
             raise ValueError(
