@@ -71,7 +71,9 @@ class PretrainArguments(RunArguments):
     epochs: int | None = option(None, "number of epochs (default: the method's)", {">=": 1})
     batch_size: int = option(256, "images per process and step", {">=": 1})
     lr: float | None = option(
-        None, "absolute learning rate (default: the method's base lr scaled to the batch)", {">": 0}
+        None,
+        "absolute learning rate (default: the method's base lr scaled to the batch; 0 keeps the weights)",
+        {">=": 0},
     )
     warmup_epochs: float | None = option(
         None, f"linear warm-up epochs (default: the method's; at most {MAX_WARMUP_FRACTION:.0%} of the run)", {">=": 0}

@@ -131,7 +131,7 @@ PRETRAIN_BAD = [
     ("--checkpoint-every", "0"),
     ("--gradient-accumulation-steps", "0"),
     ("--batch-size", "0"),
-    ("--lr", "0"),
+    ("--lr", "-0.1"),  # 0 is allowed: the weights stay (tests/test_shared_components.py's momentum check)
     ("--log-every", "0"),
     ("--image-size", "-32"),
 ]
