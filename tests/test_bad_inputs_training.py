@@ -71,24 +71,18 @@ def test_diverging_pretraining_stops_without_final_model_and_keeps_the_last_fini
     assert not list((tmp_path / "checkpoints").glob(".partial*"))
 
 
-def test_diverging_finetuning_stops_without_final_model(image_folder, tmp_path):
+def new_finetuner(image_folder, tmp_path, **arguments) -> Finetuner:
+    """A ``Finetuner`` of the bare MoCo v2 preset (it warns of its random initialisation) on the test images."""
     args = FinetuneArguments(
-        model="moco_v2_resnet18_32px",
-        data=str(image_folder),
-        output_dir=str(tmp_path),
-        epochs=2,
-        batch_size=16,
-        lr=1e30,
-        mixup=0.0,
-        cutmix=0.0,
-        auto_augment=None,
-        log_with=None,
-        progress=False,
-        num_workers=0,
-        checkpoint_every=10**6,
-    )
+        model="moco_v2_resnet18_32px", data=str(image_folder), output_dir=str(tmp_path), batch_size=16,
+        log_with=None, progress=False, num_workers=0, checkpoint_every=10**6, **arguments,
+    )  # fmt: skip
     with pytest.warns(UserWarning, match="random initialisation"):
-        finetuner = Finetuner(args)
+        return Finetuner(args)
+
+
+def test_diverging_finetuning_stops_without_final_model(image_folder, tmp_path):
+    finetuner = new_finetuner(image_folder, tmp_path, epochs=2, lr=1e30, mixup=0.0, cutmix=0.0, auto_augment=None)
     with pytest.raises(TrainingError, match=r"diverged at optimizer step \d+: .*lower --lr or --base-lr"):
         finetuner.run()
     assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "metrics.json").exists()
@@ -213,19 +207,7 @@ def test_card_states_the_runs_facts_and_a_failed_final_save_keeps_the_previous_f
 
 
 def test_a_failed_finetune_save_keeps_the_previous_files(image_folder, tmp_path, monkeypatch):
-    args = FinetuneArguments(
-        model="moco_v2_resnet18_32px",
-        data=str(image_folder),
-        output_dir=str(tmp_path),
-        epochs=1,
-        batch_size=16,
-        log_with=None,
-        progress=False,
-        num_workers=0,
-        checkpoint_every=10**6,
-    )
-    with pytest.warns(UserWarning, match="random initialisation"):
-        finetuner = Finetuner(args)
+    finetuner = new_finetuner(image_folder, tmp_path, epochs=1)
     report = finetuner.evaluate()
     finetuner.save(report)
     assert {"model.safetensors", "config.json", "README.md", "metrics.json", "confusion_matrix.png"} <= {

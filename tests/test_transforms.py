@@ -266,9 +266,8 @@ def test_kernel_blur_is_torchvisions_gaussian_blur():
         assert (kernel_blur(image, kernel, sigma).int() - expected).abs().max() <= 1
 
 
-def tv_jitter(image: torch.Tensor, order, brightness, contrast, saturation, hue) -> torch.Tensor:
-    """torchvision's float colour ops one by one, in ``order``: the reference of ``jitter_colors``."""
-    x = image / 255
+def tv_colour_ops(image, order, brightness, contrast, saturation, hue):
+    """torchvision's colour ops one by one, in ``order``, on a float tensor or a PIL image."""
     ops = [
         lambda x: v2.functional.adjust_brightness(x, brightness),
         lambda x: v2.functional.adjust_contrast(x, contrast),
@@ -276,8 +275,13 @@ def tv_jitter(image: torch.Tensor, order, brightness, contrast, saturation, hue)
         lambda x: v2.functional.adjust_hue(x, hue),
     ]
     for index in order:
-        x = ops[index](x)
-    return x * 255
+        image = ops[index](image)
+    return image
+
+
+def tv_jitter(image: torch.Tensor, order, *factors) -> torch.Tensor:
+    """torchvision's float colour ops on a uint8 tensor: the reference of ``jitter_colors``."""
+    return tv_colour_ops(image / 255, order, *factors) * 255
 
 
 @pytest.mark.parametrize(
@@ -298,16 +302,9 @@ def test_jitter_colors_equals_torchvisions_colour_ops_in_order(order, factors):
     assert difference.float().mean() < 2 and difference.max() <= 8  # PIL truncates to uint8 after each of 4 ops
 
 
-def tv_jitter_pil(image: Image.Image, order, brightness, contrast, saturation, hue) -> torch.Tensor:
-    ops = [
-        lambda x: v2.functional.adjust_brightness(x, brightness),
-        lambda x: v2.functional.adjust_contrast(x, contrast),
-        lambda x: v2.functional.adjust_saturation(x, saturation),
-        lambda x: v2.functional.adjust_hue(x, hue),
-    ]
-    for index in order:
-        image = ops[index](image)
-    return as_tensor(image)
+def tv_jitter_pil(image: Image.Image, order, *factors) -> torch.Tensor:
+    """The same ops on a PIL image (the official path: uint8 after each op, 8-bit HSV)."""
+    return as_tensor(tv_colour_ops(image, order, *factors))
 
 
 def composed(fused: View) -> v2.Compose:
