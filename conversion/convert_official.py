@@ -30,6 +30,7 @@ import sslhub
 from sslhub.configuration import SSLConfig
 from sslhub.conversion.convert import build_converted_model, read_checkpoint, save_atomically
 from sslhub.conversion.pretrained import release_card_fields
+from sslhub.files import check_output_directory
 from sslhub.modeling import SSLModel
 from sslhub.registry import PretrainedTag, get_pretrained
 
@@ -99,11 +100,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def convert_release(tag: PretrainedTag, path: Path, output: Path) -> dict:
-    """Convert ``path``, write ``output/<name>``, reload it and compare features; returns the measurements."""
+def convert_release(tag: PretrainedTag, path: Path, output: Path, overwrite: bool = False) -> dict:
+    """Convert ``path``, write ``output/<name>`` (an existing one only with ``overwrite``), reload it and compare
+    features; returns the measurements."""
+    check_output_directory(output / tag.name, overwrite, "--overwrite")  # before the conversion
     converted = read_checkpoint(path)
     model = build_converted_model(release_config(tag, converted), converted, "features", str(path))
-    target = save_atomically(model, output / tag.name, model.model_card(**release_card_fields(tag)))
+    card = model.model_card(**release_card_fields(tag))
+    target = save_atomically(model, output / tag.name, card, overwrite=overwrite)
     size = model.config.image_size
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--pattern", default="*", help="releases to handle, e.g. 'dino_*'")
     parser.add_argument("--cards-only", action="store_true", help="only write model_cards/ from the registry")
     parser.add_argument("--push-org", help="upload each converted release to ORG/<preset>.<tag>")
+    parser.add_argument("--overwrite", action="store_true", help="replace the releases converted by an earlier run")
     ns = parser.parse_args()
     names = sslhub.list_pretrained(ns.pattern)
     for name in names:
@@ -148,7 +153,7 @@ def main() -> None:
         if not path.is_file():
             print(f"skip {name}: {path} not found (download {tag.url})")
             continue
-        result = convert_release(tag, path, ns.output)
+        result = convert_release(tag, path, ns.output, ns.overwrite)
         print(json.dumps(result))
         if ns.push_org:
             publish(Path(result["output"]), f"{ns.push_org}/{name}")

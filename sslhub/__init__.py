@@ -4,6 +4,7 @@ from sslhub import evaluation, methods  # noqa: F401  (importing the methods reg
 from sslhub.configuration import SSLConfig
 from sslhub.export import export_timm, export_transformers
 from sslhub.factory import create_model, create_transform, from_pretrained, to_timm
+from sslhub.image_processing import SSLImageProcessor
 from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, SSLPreTrainedModel
 from sslhub.registry import list_methods, list_models, list_pretrained
 
@@ -13,6 +14,7 @@ __all__ = [
     "SSLConfig",
     "SSLForImageClassification",
     "SSLForPreTraining",
+    "SSLImageProcessor",
     "SSLModel",
     "SSLPreTrainedModel",
     "create_model",

@@ -165,11 +165,11 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 
 # Arguments a resumed run may change: where and how it runs (the views are the same with any number of workers and
-# with --augment-on), logs and checkpoints, and where it stops. All others (model, data, batch, seed, schedule,
-# hyperparameters, the number of processes) make another run.
+# with --augment-on), where a release's file lies, logs and checkpoints, and where it stops. All others (model, data,
+# batch, seed, schedule, hyperparameters, the number of processes) make another run.
 RESUMABLE_CHANGES = frozenset({
-    "output_dir", "resume", "max_steps", "num_workers", "augment_on", "progress", "log_with", "log_every",
-    "checkpoint_every", "keep_checkpoints", "knn_every", "knn_k", "knn_max_train", "knn_max_test",
+    "output_dir", "resume", "max_steps", "num_workers", "augment_on", "pretrained_path", "progress", "log_with",
+    "log_every", "checkpoint_every", "keep_checkpoints", "knn_every", "knn_k", "knn_max_train", "knn_max_test",
 })  # fmt: skip
 
 

@@ -8,16 +8,46 @@ import argparse
 import importlib
 import json
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sslhub.arguments import add_dataclass_arguments, dataclass_values, worker_count
+from sslhub.modeling import VERBOSE_ENV
 from sslhub.registry import get_method, get_preset, get_pretrained, list_models, list_pretrained
 
 PRETRAIN_EXCLUDED = ("overrides",)  # given as --set KEY=VALUE
 RESUMABLE = ("pretrain", "finetune")  # the commands an interrupted run of can be resumed
 INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+BROKEN_PIPE = 141  # exit status when the reader of the output closed it (128 + SIGPIPE)
+TERMINATED = 143  # exit status of a run stopped by SIGTERM (128 + 15): torchrun's when another process failed
+PEER_FAILED = 1  # exit status of a process whose collective lost another process of the run
+# What gloo / NCCL raise in a process whose peer died during a collective (a RuntimeError naming the transport).
+LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed) by peer", re.IGNORECASE)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that a run stops as after Ctrl-C: cleanups (staging directories) run, one line."""
+
+
+def _terminate_handler(main_pid: int):
+    """The SIGTERM handler of the process ``main_pid``: ``Terminated`` there; processes forked from it (data-loading
+    workers) keep the default, dying at once as before."""
+
+    def handler(signum, frame):
+        if os.getpid() == main_pid:
+            raise Terminated
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return handler
+
+
 DEBUG_HELP = "on an error, show the Python traceback instead of the one-line message"
+VERBOSE_HELP = "show transformers' progress bars and load reports when sslhub loads and saves models"
+PRETRAINED_PATH_HELP = "the authors' file (or transformers directory) of a --model preset.tag already on disk"
 
 
 def _parse_value(text: str):
@@ -38,6 +68,7 @@ def _method_modules_parser() -> argparse.ArgumentParser:
         "it registers can be used, e.g. my_pkg.my_method",
     )
     parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    parent.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parent
 
 
@@ -153,6 +184,7 @@ def _add_eval_parser(subparsers, parents) -> None:
     """``sslhub eval knn | linear``: the arguments of ``sslhub.evaluation.knn`` and ``linear``."""
     common = argparse.ArgumentParser(add_help=False, parents=parents)
     common.add_argument("--model", required=True, help="preset, preset.tag, checkpoint dir or Hub id")
+    common.add_argument("--pretrained-path", metavar="FILE", help=PRETRAINED_PATH_HELP)
     common.add_argument("--data", required=True, help="image folder (a subfolder per class), HF dataset dir, 'builtin'")
     common.add_argument("--output-dir", help="for metrics.json and confusion_matrix.png (default: sslhub-eval/...)")
     common.add_argument("--image-column", help="image column of an HF dataset")
@@ -222,6 +254,7 @@ def _run_eval(ns: argparse.Namespace) -> int:
         progress=not ns.no_progress,
         output_dir=output_dir,
         update_card=not ns.no_card,
+        pretrained_path=ns.pretrained_path,
     )
     if ns.protocol == "knn":
         result = knn(ns.model, ns.data, k=ns.k, temperature=ns.temperature, **options)
@@ -292,6 +325,7 @@ def _add_export_parser(subparsers, parents) -> None:
         "export", parents=parents, help="write an sslhub model as a plain timm or transformers checkpoint"
     )
     parser.add_argument("--model", required=True, help="sslhub checkpoint directory or Hub id, or preset.tag")
+    parser.add_argument("--pretrained-path", metavar="FILE", help=PRETRAINED_PATH_HELP)
     parser.add_argument("--format", required=True, choices=["timm", "transformers"])
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument(
@@ -300,6 +334,7 @@ def _add_export_parser(subparsers, parents) -> None:
 
 
 def _run_export(ns: argparse.Namespace) -> int:
+    from sslhub.conversion.pretrained import refuse_pretrained_path
     from sslhub.export import export_timm, export_transformers
     from sslhub.factory import create_model, from_pretrained
     from sslhub.files import check_output_directory
@@ -307,8 +342,9 @@ def _run_export(ns: argparse.Namespace) -> int:
     check_output_directory(ns.output, ns.overwrite, "--overwrite")  # before loading the model
 
     if "." in ns.model and not Path(ns.model).exists():
-        model = create_model(ns.model, pretrained=True)
+        model = create_model(ns.model, pretrained=True, pretrained_path=ns.pretrained_path)
     else:
+        refuse_pretrained_path(ns.model, ns.pretrained_path)
         model = from_pretrained(ns.model)
     export = export_timm if ns.format == "timm" else export_transformers
     print(f"Exported {ns.model} as a {ns.format} checkpoint to {export(model, ns.output, overwrite=ns.overwrite)}")
@@ -363,6 +399,7 @@ RUNNERS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslhub", description=__doc__)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     parents = [_method_modules_parser()]
     list_parser = subparsers.add_parser("list", parents=parents, help="list the model presets")
@@ -384,9 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; sslhub's own errors print one line (exit status 2) and Ctrl-C one line (130), unless
-    ``--debug`` asks for the traceback."""
+    """Run the command; sslhub's own errors print one line (exit status 2), Ctrl-C one line (130), SIGTERM one line
+    (143: torchrun stops the other processes so when one fails) and a collective that lost another process of the run
+    one line (1), unless ``--debug`` asks for the traceback."""
     ns = build_parser().parse_args(argv)
+    if ns.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by sslhub.modeling.quiet_transformers, here and in worker processes
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid())) if in_main_thread else None
     try:
         import_method_modules(getattr(ns, "method_module", []))
         return RUNNERS[ns.command](ns)
@@ -395,12 +437,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sslhub {ns.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         if ns.debug:
             raise
         hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
-        print(f"sslhub {ns.command}: interrupted{hint}", file=sys.stderr)
-        return INTERRUPTED
+        terminated = isinstance(stop, Terminated)
+        print(f"sslhub {ns.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return TERMINATED if terminated else INTERRUPTED
+    except RuntimeError as err:
+        if ns.debug or not LOST_PEER.search(str(err)):
+            raise
+        hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
+        cause = str(err).strip().splitlines()[0].split(". This is typically")[0]  # without gloo's generic advice
+        print(
+            f"sslhub {ns.command}: error: another process of this run stopped ({cause}); its log names why{hint}",
+            file=sys.stderr,
+        )
+        return PEER_FAILED
+    except BrokenPipeError:  # `sslhub list | head`: the reader left, as for any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return BROKEN_PIPE
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

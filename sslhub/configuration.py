@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import PretrainedConfig
+from transformers.utils import CONFIG_NAME
 
 from sslhub.backbones import POOLINGS
 from sslhub.registry import get_method, get_preset
@@ -20,6 +22,8 @@ class SSLConfig(PretrainedConfig):
     """
 
     model_type = "sslhub"
+    # What ``from_pretrained(..., KEY=VALUE)`` applies to a loaded config, as transformers applies config attributes.
+    load_overrides = ("num_labels", "id2label", "label2id", "image_size", "image_mean", "image_std", "pooling")
 
     method: str | None = None  # a registered method id; None only in transformers' default-valued instance
     backbone: str = "resnet50"
@@ -39,6 +43,15 @@ class SSLConfig(PretrainedConfig):
         if self.method is not None:
             self.method_kwargs = get_method(self.method).validate_hparams(self.method_kwargs or {})
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SSLConfig:
+        """transformers' ``from_pretrained``; a value the checks refuse (``_check_fields``, the method's
+        hyperparameters) is a ``ValueError`` naming the ``config.json`` it was read from."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"{Path(pretrained_model_name_or_path) / CONFIG_NAME}: {err}") from err
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> SSLConfig:
@@ -65,6 +78,10 @@ class SSLConfig(PretrainedConfig):
         """A copy with config fields or method hyperparameters replaced, validated like ``from_preset``."""
         fields = self.to_dict()
         fields.pop("model_type", None)
+        if "num_labels" in overrides and "id2label" not in overrides:  # new labels, named as transformers names them
+            fields.pop("id2label", None), fields.pop("label2id", None)
+        if "id2label" in overrides and "label2id" not in overrides:
+            overrides = {**overrides, "label2id": {label: int(i) for i, label in overrides["id2label"].items()}}
         return type(self)(**_merged(fields, overrides))
 
 

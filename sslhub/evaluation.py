@@ -29,6 +29,7 @@ from torch import nn
 
 from sslhub.configuration import SSLConfig
 from sslhub.conversion.loading import CheckpointError
+from sslhub.conversion.pretrained import refuse_pretrained_path
 from sslhub.data import ImageDataset, dataset_fingerprint, labelled_splits
 from sslhub.factory import create_model, create_transform, from_pretrained
 from sslhub.files import cache_root, write_atomically
@@ -49,7 +50,8 @@ CACHE_FORMAT = 1  # bump when the cached features of the same inputs would diffe
 
 @dataclass
 class FeatureOptions:
-    """How data is split and features are extracted; every ``knn`` / ``linear`` keyword beyond their own."""
+    """How the model is loaded, data split and features extracted; every ``knn`` / ``linear`` keyword beyond their
+    own. ``pretrained_path``: the authors' file of a ``"preset.tag"`` model already on disk."""
 
     val_fraction: float = 0.2
     seed: int = 0
@@ -61,6 +63,7 @@ class FeatureOptions:
     cache: bool = True
     progress: bool = True
     transform: Callable | None = None
+    pretrained_path: str | os.PathLike | None = None
 
 
 @dataclass
@@ -78,15 +81,17 @@ class _Run:
     test: tuple[torch.Tensor, torch.Tensor]
 
 
-def load_model(name: str | os.PathLike) -> tuple[nn.Module, Path | None]:
+def load_model(name: str | os.PathLike, pretrained_path=None) -> tuple[nn.Module, Path | None]:
     """``(model, checkpoint directory or None)``: a local sslhub directory or Hub id (``from_pretrained``), a
-    ``"preset.tag"`` with the authors' weights (``create_model(pretrained=True)``) or a bare preset (random init)."""
+    ``"preset.tag"`` with the authors' weights (``create_model(pretrained=True)``, from ``pretrained_path`` when
+    given) or a bare preset (random init)."""
     path = Path(name)
+    if not path.is_dir() and "." in str(name) and "/" not in str(name):
+        return create_model(str(name), pretrained=True, pretrained_path=pretrained_path), None
+    refuse_pretrained_path(name, pretrained_path)
     if path.is_dir():
         return from_pretrained(path), path
     name = str(name)
-    if "." in name and "/" not in name:
-        return create_model(name, pretrained=True), None
     if name in list_models():
         warnings.warn(f"{name} is a preset without weights: evaluating a random initialisation", stacklevel=3)
         return create_model(name), None
@@ -182,7 +187,11 @@ def _datasets(data, options: FeatureOptions) -> tuple[ImageDataset, ImageDataset
 def _prepare(model, data, options: dict) -> _Run:
     options = FeatureOptions(**options)
     train, test, data_name = _datasets(data, options)  # bad data fails before a model is downloaded
-    source, checkpoint_dir = (model, None) if isinstance(model, nn.Module) else load_model(model)
+    if isinstance(model, nn.Module):
+        refuse_pretrained_path(type(model).__name__, options.pretrained_path)
+        source, checkpoint_dir = model, None
+    else:
+        source, checkpoint_dir = load_model(model, options.pretrained_path)
     encoder = feature_model(source)
     config = getattr(encoder, "config", None)
     model_name = str(model) if not isinstance(model, nn.Module) else getattr(config, "preset", None) or "model"

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 from timm.models.beit import Beit
+from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import (
@@ -24,9 +25,12 @@ from transformers import (
     BeitModel,
     PretrainedConfig,
     PreTrainedModel,
+    ResNetModel,
     ViTMAEForPreTraining,
     ViTMAEModel,
     ViTModel,
+    ViTMSNConfig,
+    ViTMSNModel,
 )
 
 from sslhub.conversion.hf_transformers import (
@@ -34,13 +38,16 @@ from sslhub.conversion.hf_transformers import (
     beit_mim_to_transformers,
     beit_to_transformers,
     mae_to_transformers,
+    resnet_config,
+    resnet_to_transformers,
     vit_config,
     vit_mae_config,
     vit_to_transformers,
 )
 from sslhub.files import atomic_directory
 from sslhub.heads import MAEDecoder
-from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel
+from sslhub.image_processing import stock_image_processor, timm_pretrained_cfg
+from sslhub.modeling import SSLForImageClassification, SSLForPreTraining, SSLModel, quiet_transformers
 from sslhub.registry import get_method
 
 TOLERANCE = 1e-4  # max relative error between sslhub's output and the reloaded export
@@ -48,8 +55,6 @@ TOLERANCE = 1e-4  # max relative error between sslhub's output and the reloaded 
 # token after the final norm is "token"; "avg" on a ViT averages the normed patch tokens (timm keeps ``norm`` on the
 # tokens as the exported fc_norm=False says); CNN maps are averaged.
 TIMM_POOLING = {"cls": "token", "mean": "avg", "avg": "avg"}
-# Fields of timm's default pretrained cfg that describe other weights (timm/models/_pretrained.py PretrainedCfg).
-_FOREIGN_CFG_FIELDS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
 
 
 def _released_encoder(model: nn.Module) -> SSLModel:
@@ -70,7 +75,8 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
 
     The config rebuilds the backbone with ``num_classes=0`` and sslhub's pooling as timm's ``global_pool``
     (``TIMM_POOLING``), so ``timm.create_model("local-dir:DIR", pretrained=True)(images)`` is sslhub's
-    ``pooler_output``; its pretrained cfg carries the sslhub config's input size, mean and std, and tag = the method.
+    ``pooler_output``; its pretrained cfg is ``to_timm``'s (``sslhub.image_processing.timm_pretrained_cfg``: the
+    sslhub config's input size, mean and std, the evaluation crop_pct and interpolation, tag = the method).
     """
     encoder = _released_encoder(model)
     config = encoder.config
@@ -82,16 +88,12 @@ def export_timm(model: nn.Module, directory: str | Path, *, overwrite: bool = Fa
         )
     backbone = copy.deepcopy(encoder.encoder.timm_model).eval()
     backbone.reset_classifier(0, global_pool=TIMM_POOLING[encoder.encoder.pooling])
-    backbone.pretrained_cfg = {
-        **{k: v for k, v in backbone.pretrained_cfg.items() if k not in _FOREIGN_CFG_FIELDS},
-        "tag": config.method,
-    }
+    backbone.pretrained_cfg = backbone.default_cfg = timm_pretrained_cfg(config, backbone)
     pixels = _probe_images(config)
-    data_config = {"input_size": tuple(pixels.shape[1:]), "mean": config.image_mean, "std": config.image_std}
     with _inference(encoder):
         expected = encoder(pixels).pooler_output
     with atomic_directory(directory, overwrite) as staging:
-        save_for_hf(backbone, staging, safe_serialization=True, data_config=data_config)
+        save_for_hf(backbone, staging, safe_serialization=True)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True).eval()
         with torch.no_grad():
             _check_same("timm export, pooled features", reloaded(pixels), expected)
@@ -104,28 +106,32 @@ def export_transformers(model: nn.Module, directory: str | Path, *, overwrite: b
     (``SSLMethod.export_targets``; ``ENCODER_EXPORTS`` / ``PRETRAINING_EXPORTS`` write them).
 
     An ``SSLForPreTraining`` whose method declares a pretraining class becomes that class (MAE:
-    ``ViTMAEForPreTraining``); otherwise the released encoder becomes the method's encoder class (MAE:
-    ``ViTMAEModel``; by default a timm ViT encoder as ``ViTModel`` without pooler, loaded with
-    ``add_pooling_layer=False``); ``last_hidden_state`` equals sslhub's. Other encoders raise ``ValueError``.
+    ``ViTMAEForPreTraining``); otherwise the released encoder (a classifier's, without its head) becomes the
+    method's encoder class (MAE: ``ViTMAEModel``; by default the stock class of the timm backbone,
+    ``_timm_backbone_export``). Every tensor of the class is written: the directory loads with
+    ``AutoModel.from_pretrained`` / the class itself with nothing missing or initialised anew, and its
+    ``last_hidden_state`` (and ``pooler_output`` where the class has one, except BEiT's, see ``_beit_model_export``)
+    is sslhub's. Encoders no stock class computes raise one ``ValueError`` naming the timm export where there is one.
     """
-    if isinstance(model, SSLForImageClassification):
-        raise ValueError("export_transformers exports encoders and pretraining models; export model.ssl instead")
     targets = get_method(model.config.method).export_targets
-    if isinstance(model, SSLForPreTraining) and targets.pretraining in PRETRAINING_EXPORTS:
-        export = PRETRAINING_EXPORTS[targets.pretraining](model)
-    elif targets.encoder in ENCODER_EXPORTS:
-        export = ENCODER_EXPORTS[targets.encoder](_released_encoder(model))
-    else:
-        raise ValueError(
-            f"the {model.config.method} encoder has no transformers class in sslhub's export; use "
-            "`sslhub export --format timm` (sslhub.export_timm)"
-        )
+    try:
+        if isinstance(model, SSLForPreTraining) and targets.pretraining in PRETRAINING_EXPORTS:
+            export = PRETRAINING_EXPORTS[targets.pretraining](model)
+        elif targets.encoder in ENCODER_EXPORTS:
+            export = ENCODER_EXPORTS[targets.encoder](_released_encoder(model))
+        else:
+            raise ValueError("sslhub's export has no transformers class for this method")
+    except ValueError as err:
+        raise ValueError(f"{model.config.method} {model.config.backbone} has no transformers export ({err}); "
+                         f"{_instead_of_transformers(model)}") from err  # fmt: skip
     name = export.model_class.__name__
     export.config.architectures = [name]
     with atomic_directory(directory, overwrite) as staging:
         export.config.save_pretrained(staging)
+        stock_image_processor(model.config).save_pretrained(staging)  # for AutoImageProcessor and pipelines
         save_file(export.state_dict, staging / "model.safetensors", metadata={"format": "pt"})
-        loaded, info = export.model_class.from_pretrained(staging, output_loading_info=True, **export.load_kwargs)
+        with quiet_transformers():
+            loaded, info = export.model_class.from_pretrained(staging, output_loading_info=True, **export.load_kwargs)
         if any(info.values()):
             raise ValueError(f"transformers does not load the exported {name} cleanly: {info}")
         with torch.no_grad():
@@ -148,34 +154,65 @@ class _TransformersExport(NamedTuple):
 _KEEP_ALL = {"mask_ratio": 0.0}
 
 
-def _encoder_export(encoder: SSLModel, model_class, hf_config, load_kwargs: dict, inputs: dict,
-                    to_transformers=vit_to_transformers):  # fmt: skip
-    """A timm ViT encoder in a transformers ViT class (its keys mapped by ``to_transformers``), checked on
-    ``last_hidden_state``."""
-    backbone, config = encoder.encoder.timm_model, encoder.config
-    pixels = _probe_images(config)
-    with _inference(backbone):
-        expected = backbone.forward_features(pixels)
+def _encoder_export(encoder: SSLModel, model_class, hf_config, state_dict: dict, load_kwargs: dict, inputs: dict,
+                    pooled: bool = True) -> _TransformersExport:  # fmt: skip
+    """A timm encoder as a transformers encoder class (``state_dict``: its weights in the class's checkpoint keys),
+    checked on ``last_hidden_state`` and, with ``pooled``, on ``pooler_output`` (flattened: a ``ResNetModel``'s is
+    (B, C, 1, 1)) against the ``SSLModel``'s."""
+    pixels = _probe_images(encoder.config)
+    with _inference(encoder):
+        expected = encoder(pixels)
 
     def check(loaded: PreTrainedModel) -> None:
-        _check_same("transformers export, last_hidden_state", loaded(pixels, **inputs).last_hidden_state, expected)
+        output = loaded(pixels, **inputs)
+        _check_same("transformers export, last_hidden_state", output.last_hidden_state, expected.last_hidden_state)
+        if pooled:
+            _check_same("transformers export, pooler_output", output.pooler_output.flatten(1), expected.pooler_output)
 
-    return _TransformersExport(model_class, hf_config, to_transformers(backbone.state_dict()), load_kwargs, check)
+    return _TransformersExport(model_class, hf_config, state_dict, load_kwargs, check)
 
 
 def _timm_vit(encoder: SSLModel) -> VisionTransformer:
     backbone = encoder.encoder.timm_model
     if not isinstance(backbone, VisionTransformer):
-        raise ValueError(
-            f"no transformers class for {encoder.config.backbone} in sslhub's export; use `sslhub export --format "
-            "timm` (sslhub.export_timm)"
-        )
+        raise ValueError(f"transformers' ViT classes hold a timm VisionTransformer, not a {type(backbone).__name__}")
     return backbone
 
 
+def _timm_backbone_export(encoder: SSLModel) -> _TransformersExport:
+    """The stock transformers class of the encoder's timm backbone (``ExportTargets``' default): a ViT as ``ViTModel``
+    or ``ViTMSNModel`` (``_vit_model_export``), a ResNet as ``ResNetModel`` (``_resnet_model_export``)."""
+    if not encoder.encoder.exports_to_timm:
+        raise ValueError(f"{type(encoder.encoder).__name__} computes what no stock model of its backbone does")
+    if isinstance(encoder.encoder.timm_model, ResNet):
+        return _resnet_model_export(encoder)
+    if isinstance(encoder.encoder.timm_model, VisionTransformer):
+        return _vit_model_export(encoder)
+    raise ValueError(f"sslhub writes timm ViTs and ResNets as transformers classes, not a {encoder.config.backbone}")
+
+
 def _vit_model_export(encoder: SSLModel) -> _TransformersExport:
-    """A timm ViT encoder as ``ViTModel`` without pooler."""
-    return _encoder_export(encoder, ViTModel, vit_config(_timm_vit(encoder)), {"add_pooling_layer": False}, {})
+    """A timm ViT encoder pooling its class token as ``ViTModel`` whose pooler is the identity (dense = I, bias 0,
+    ``pooler_act="linear"``), so ``pooler_output`` is sslhub's: the final-norm class token. ``ViTPooler`` cannot
+    average tokens, so a mean-pooling encoder becomes ``ViTMSNModel`` (the same ViT and checkpoint keys, no pooler:
+    reloaded as it is, ``AutoModel`` included, it creates none); its pooled feature is
+    ``last_hidden_state[:, 1:].mean(1)``."""
+    vit = _timm_vit(encoder)
+    weights = vit_to_transformers(vit.state_dict())
+    if encoder.encoder.pooling != "cls":
+        return _encoder_export(encoder, ViTMSNModel, vit_config(vit, ViTMSNConfig), weights, {}, {}, pooled=False)
+    dim = vit.embed_dim
+    weights |= {"pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
+    hf_config = vit_config(vit, pooler_act="linear", pooler_output_size=dim)
+    return _encoder_export(encoder, ViTModel, hf_config, weights, {}, {})
+
+
+def _resnet_model_export(encoder: SSLModel) -> _TransformersExport:
+    """A timm ResNet encoder (average pooling) as ``ResNetModel``: ``last_hidden_state`` is sslhub's final feature
+    map and ``pooler_output`` (B, C, 1, 1) its average, sslhub's ``pooler_output`` (B, C) as ``.flatten(1)``."""
+    resnet = encoder.encoder.timm_model
+    hf_config = resnet_config(resnet)  # first: its refusal names what transformers' ResNet lacks
+    return _encoder_export(encoder, ResNetModel, hf_config, resnet_to_transformers(resnet.state_dict()), {}, {})
 
 
 def _vit_mae_model_export(encoder: SSLModel) -> _TransformersExport:
@@ -183,7 +220,8 @@ def _vit_mae_model_export(encoder: SSLModel) -> _TransformersExport:
     backbone = _timm_vit(encoder)
     hf_config = vit_mae_config(backbone, **_mae_fields(encoder.config))
     inputs = {"noise": _identity_noise(backbone, _probe_images(encoder.config))}
-    return _encoder_export(encoder, ViTMAEModel, hf_config, _KEEP_ALL, inputs)
+    weights = vit_to_transformers(backbone.state_dict())
+    return _encoder_export(encoder, ViTMAEModel, hf_config, weights, _KEEP_ALL, inputs, pooled=False)
 
 
 def _vit_mae_for_pretraining_export(model: SSLForPreTraining) -> _TransformersExport:
@@ -210,24 +248,29 @@ def _vit_mae_for_pretraining_export(model: SSLForPreTraining) -> _TransformersEx
     )
 
 
-def _timm_beit(encoder: nn.Module, backbone_name: str) -> Beit:
+def _timm_beit(encoder: nn.Module) -> Beit:
     if not isinstance(encoder.timm_model, Beit):
-        raise ValueError(f"no transformers Beit class for {backbone_name}; use `sslhub export --format timm`")
+        raise ValueError(f"transformers' Beit classes hold a timm Beit, not a {type(encoder.timm_model).__name__}")
     return encoder.timm_model
 
 
 def _beit_model_export(encoder: SSLModel) -> _TransformersExport:
-    """A timm ``Beit`` encoder as ``BeitModel`` with the final norm on every token (``use_mean_pooling=False``) and
-    no pooler: its ``last_hidden_state`` is sslhub's."""
-    hf_config = beit_config(_timm_beit(encoder.encoder, encoder.config.backbone), use_mean_pooling=False)
-    return _encoder_export(encoder, BeitModel, hf_config, {"add_pooling_layer": False}, {}, beit_to_transformers)
+    """A timm ``Beit`` encoder as ``BeitModel`` with the final norm on every token (``use_mean_pooling=False``): its
+    ``last_hidden_state`` is sslhub's. Its pooler has no weights and gives the final-norm class token: sslhub's
+    ``pooler_output`` with class-token pooling; with BEiT's mean pooling sslhub's is
+    ``last_hidden_state[:, 1:].mean(1)``, which no ``BeitModel`` computes next to a normed ``last_hidden_state``
+    (``use_mean_pooling=True`` normalises the mean instead)."""
+    vit = _timm_beit(encoder.encoder)
+    hf_config = beit_config(vit, use_mean_pooling=False)
+    weights = beit_to_transformers(vit.state_dict())
+    return _encoder_export(encoder, BeitModel, hf_config, weights, {}, {}, pooled=encoder.encoder.pooling == "cls")
 
 
 def _beit_for_mim_export(model: SSLForPreTraining) -> _TransformersExport:
     """A BEiT objective (timm ``Beit``, ``mask_token``, ``lm_head``) as ``BeitForMaskedImageModeling``, checked on the
     token logits of probe images with every other patch masked. The frozen tokenizer is not part of it."""
     method = model.method
-    vit = _timm_beit(method.released_encoder, model.config.backbone)
+    vit = _timm_beit(method.released_encoder)
     pixels = _probe_images(model.config)
     mask = (torch.arange(vit.patch_embed.num_patches) % 2).bool().expand(pixels.shape[0], -1)
     with _inference(model):
@@ -246,7 +289,7 @@ def _beit_for_mim_export(model: SSLForPreTraining) -> _TransformersExport:
 
 
 ENCODER_EXPORTS: dict[str, Callable[[SSLModel], _TransformersExport]] = {
-    "ViTModel": _vit_model_export,
+    "timm": _timm_backbone_export,
     "ViTMAEModel": _vit_mae_model_export,
     "BeitModel": _beit_model_export,
 }
@@ -254,6 +297,13 @@ PRETRAINING_EXPORTS: dict[str, Callable[[SSLForPreTraining], _TransformersExport
     "ViTMAEForPreTraining": _vit_mae_for_pretraining_export,
     "BeitForMaskedImageModeling": _beit_for_mim_export,
 }
+
+
+def _instead_of_transformers(model: nn.Module) -> str:
+    """What to export instead of a transformers class: the timm export where the encoder has one."""
+    if model._released_encoder_module().exports_to_timm:
+        return "use `sslhub export --format timm` (sslhub.export_timm in Python)"
+    return "it has no timm export either: use the sslhub checkpoint itself"
 
 
 def _mae_fields(config) -> dict:

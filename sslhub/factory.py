@@ -9,6 +9,7 @@ from torch import nn
 from sslhub.configuration import SSLConfig
 from sslhub.conversion.pretrained import load_pretrained
 from sslhub.hub.download import HUB_KWARGS, resolve_checkpoint
+from sslhub.image_processing import timm_pretrained_cfg
 from sslhub.modeling import (
     TASKS,
     SSLForImageClassification,
@@ -81,7 +82,9 @@ def create_transform(model: nn.Module):
 
 def to_timm(model: nn.Module) -> nn.Module:
     """The plain timm model inside an sslhub model's released encoder (its state dict loads into
-    ``timm.create_model``); ``TypeError`` when the method's encoder is not a single timm model."""
+    ``timm.create_model``), its ``pretrained_cfg`` set to the sslhub model's input size and evaluation pre-processing
+    (``sslhub.image_processing.timm_pretrained_cfg``); ``TypeError`` when the method's encoder is not a single timm
+    model."""
     if isinstance(model, SSLModel):
         encoder = model.encoder
     elif isinstance(model, SSLForImageClassification):
@@ -95,4 +98,6 @@ def to_timm(model: nn.Module) -> nn.Module:
             f"the {model.config.method} encoder ({type(encoder).__name__}) is not a single timm model; "
             "use the sslhub model itself"
         )
-    return encoder.timm_model
+    timm_model = encoder.timm_model
+    timm_model.pretrained_cfg = timm_model.default_cfg = timm_pretrained_cfg(model.config, timm_model)
+    return timm_model

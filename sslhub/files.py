@@ -79,27 +79,47 @@ def check_output_directory(directory: str | os.PathLike, overwrite: bool, flag: 
     return directory
 
 
+MANIFEST = ".sslhub-files"  # the names of the files sslhub wrote into an output directory, one per line
+
+
+def _written_by_sslhub(directory: Path) -> set[str]:
+    """The names ``directory``'s ``MANIFEST`` lists (none without one: a directory sslhub did not write)."""
+    manifest = directory / MANIFEST
+    return set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
+
+
 @contextmanager
 def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A fresh staging directory next to ``directory``, for files only; deleted when the block fails. When it
     succeeds, a new or empty ``directory`` is replaced by it in one rename; a non-empty one (only with
-    ``overwrite``) gets its files, each moved in with one atomic rename (replacing the files of those names), and loses
-    the ``STALE_WEIGHTS`` this save does not write: other files, such as the user's, are never touched."""
+    ``overwrite``) gets its files, each moved in with one atomic rename, and loses the ``STALE_WEIGHTS`` this save
+    does not write. Only files an earlier sslhub save wrote (its ``MANIFEST`` lists them) are replaced: a file of the
+    same name that sslhub did not write, such as the user's own ``README.md``, is an ``OutputDirectoryError`` naming
+    it, before anything moves; other files are never touched."""
     directory = check_output_directory(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.tmp-{secrets.token_hex(4)}")
     staging.mkdir()
     try:
         yield staging
+        written = set(os.listdir(staging))
         if not (directory.is_dir() and any(directory.iterdir())):
+            (staging / MANIFEST).write_text("".join(f"{name}\n" for name in sorted(written)), encoding="utf-8")
             staging.replace(directory)
             return
-        written = set(os.listdir(staging))
+        ours = _written_by_sslhub(directory)
+        foreign = sorted(name for name in written if (directory / name).exists() and name not in ours)
+        if foreign:
+            raise OutputDirectoryError(
+                f"{directory} holds {foreign}, which sslhub did not write there (its {MANIFEST} does not list them): "
+                "they are not replaced; move them away or choose another output"
+            )
         for stale in os.listdir(directory):
             if STALE_WEIGHTS.fullmatch(stale) and stale not in written and (directory / stale).is_file():
                 (directory / stale).unlink()
         for name in sorted(written, key=lambda name: name == "config.json"):  # the config last: readers find it
             os.replace(staging / name, directory / name)  # with the new weights already in place
+        write_atomically(directory / MANIFEST, "".join(f"{name}\n" for name in sorted(ours | written)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,6 +33,7 @@ from sslhub.conversion.loading import CheckpointError, non_finite
 from sslhub.hub.cards import render_model_card, save_model_card
 from sslhub.hub.download import HUB_KWARGS
 from sslhub.hub.push import push_checkpoint
+from sslhub.image_processing import SSLImageProcessor
 from sslhub.registry import get_method
 
 CARD_TASK = {"SSLForPreTraining": "pretraining", "SSLForImageClassification": "classification"}
@@ -65,6 +67,20 @@ def _weights_file(path) -> str:
     return str(Path(path) / "model.safetensors")
 
 
+def _unreadable_weights_file(path) -> str:
+    """The first ``*.safetensors`` file of a local checkpoint directory that safetensors cannot open (a shard of a
+    sharded checkpoint too), for messages; ``_weights_file`` when none is found (a Hub id)."""
+    directory = Path(path)
+    for file in sorted(directory.glob("*.safetensors")) if directory.is_dir() else ():
+        try:
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                    weights.get_slice(key)
+        except (SafetensorError, OSError):
+            return str(file)
+    return _weights_file(path)
+
+
 def _pretraining_refusal(path, saved: str) -> str:
     """Why ``path`` (saved from ``saved``) gives no ``SSLForPreTraining``, and where one usually is."""
     inner = Path(path) / "pretraining"
@@ -78,21 +94,36 @@ def _pretraining_refusal(path, saved: str) -> str:
     )
 
 
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in str(record.msg)
+VERBOSE_ENV = "SSLHUB_VERBOSE"  # "1" (``sslhub --verbose``): transformers' output on sslhub's loads and saves shown
+
+
+def _no_bar(factory, args: tuple, kwargs: dict):
+    """A transformers progress bar that draws nothing (a ``transformers.utils.logging.set_tqdm_hook`` hook)."""
+    return factory(*args, **{**kwargs, "disable": True})
 
 
 @contextmanager
-def _quiet_load_report() -> Iterator[None]:
-    """transformers' LOAD REPORT (a warning of up to hundreds of lines with terminal escape codes) filtered out for
-    one load: ``_check_loaded`` raises one sentence for every problem it reports. A filter, not a higher logger level,
-    which would make transformers warn about tensor-parallel plans instead (``verify_tp_plan``)."""
+def quiet_transformers() -> Iterator[None]:
+    """transformers' output hidden for one sslhub load or save, unless ``SSLHUB_VERBOSE=1`` (``sslhub --verbose``):
+    its "Loading weights" / "Writing model shards" progress bars (a tqdm hook; the previous hook is restored after)
+    and its LOAD REPORT (a warning of up to hundreds of lines with terminal escape codes: ``_check_loaded`` raises one
+    sentence for every problem it lists). A log filter, not a higher logger level, which would make transformers warn
+    about tensor-parallel plans instead (``verify_tp_plan``). transformers calls outside the block are untouched."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+
+    def drop_load_report(record: logging.LogRecord) -> bool:  # one filter per block: nested blocks stay filtered
+        return "LOAD REPORT" not in str(record.msg)
+
     report = hf_logging.get_logger("transformers.modeling_utils")
-    report.addFilter(_drop_load_report)
+    report.addFilter(drop_load_report)
+    previous_hook = hf_logging.set_tqdm_hook(_no_bar)
     try:
         yield
     finally:
-        report.removeFilter(_drop_load_report)
+        hf_logging.set_tqdm_hook(previous_hook)
+        report.removeFilter(drop_load_report)
 
 
 def _check_loaded(model: nn.Module, info: dict, path, dropped: tuple[str, ...] = ()) -> None:
@@ -129,7 +160,7 @@ class SSLPreTrainedModel(PreTrainedModel):
     def model_card(self, training: dict | None = None, results: dict | None = None, **card_fields):
         """The Hub model card (``huggingface_hub.ModelCard``) of this model; ``training`` and ``results`` add the
         pretraining recipe and accuracies, ``card_fields`` the other arguments of ``sslhub.hub.render_model_card``
-        (``license``, ``model_id``, ``source``)."""
+        (``license``, ``model_id``, ``source``, ``baselines``)."""
         return render_model_card(
             method=self.config.method,
             backbone=self.config.backbone,
@@ -175,6 +206,10 @@ class SSLPreTrainedModel(PreTrainedModel):
         if not isinstance(config, SSLConfig):
             hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = SSLConfig.from_pretrained(path, **hub)
+        overrides = {key: kwargs.pop(key) for key in SSLConfig.load_overrides if key in kwargs}
+        if overrides:  # ``num_labels=3``: transformers' config attributes given to from_pretrained
+            config = config.with_overrides(**overrides)
+            kwargs["config"] = config
         saved = (config.architectures or [None])[0]
         if saved == SSLForPreTraining.__name__ and cls is not SSLForPreTraining:
             pretraining = SSLForPreTraining.from_pretrained(path, *args, **{**kwargs, "config": config})
@@ -186,11 +221,11 @@ class SSLPreTrainedModel(PreTrainedModel):
         # lists the mismatches as (key, file shape, model shape), checked here like the missing keys.
         loading = {**kwargs, "config": config, "ignore_mismatched_sizes": True}
         try:
-            with _quiet_load_report():
+            with quiet_transformers():
                 model, info = super().from_pretrained(path, *args, output_loading_info=True, **loading)
         except SafetensorError as err:
             raise CheckpointError(
-                f"{_weights_file(path)} is not a readable safetensors file (truncated or corrupt: {err})"
+                f"{_unreadable_weights_file(path)} is not a readable safetensors file (truncated or corrupt: {err})"
             ) from err
         with torch.device("meta"):  # the requires_grad flags the modules set when built (frozen key encoders,
             fresh = cls(config)  # MoCo v3's patch projection, DINO's weight_g): transformers 5 loads them all True
@@ -208,9 +243,15 @@ class SSLPreTrainedModel(PreTrainedModel):
         raise TypeError(f"{cls.__name__} cannot be made from an encoder")
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """``config.json`` + ``model.safetensors`` (transformers), and a ``README.md`` model card if there is none."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and not (Path(save_directory) / "README.md").exists():
+        """``config.json`` + ``model.safetensors`` (transformers), the ``preprocessor_config.json`` of the evaluation
+        pre-processing (``SSLImageProcessor``), and a ``README.md`` model card if there is none; transformers' progress
+        bar hidden (``quiet_transformers``)."""
+        with quiet_transformers():
+            super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        SSLImageProcessor.from_config(self.config).save_pretrained(save_directory)
+        if not (Path(save_directory) / "README.md").exists():
             save_model_card(self.model_card(), save_directory)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
@@ -212,10 +213,15 @@ def _stratified_subset(indices: list[int], labels, size: int, seed: int) -> list
 
 
 def save_final_models(
-    model: SSLForPreTraining, output_dir: str, training: dict, results: dict[str, float] | None = None
+    model: SSLForPreTraining,
+    output_dir: str,
+    training: dict,
+    results: dict[str, float] | None = None,
+    baselines: dict[str, float] | None = None,
 ) -> None:
     """The released encoder (``SSLModel``) in ``output_dir`` and the full ``SSLForPreTraining`` in
-    ``output_dir/pretraining``, each with its model card (``training``: the run's facts, ``results``: its metrics),
+    ``output_dir/pretraining``, each with its model card (``training``: the run's facts, ``results``: its metrics,
+    ``baselines``: the references shown beside them),
     written into one staging directory and moved into place only once all are written: a failure leaves the previous
     files."""
     output = Path(output_dir)
@@ -226,7 +232,7 @@ def save_final_models(
         for index, (target, net) in enumerate(targets.items()):
             staging = Path(tmp) / str(index)
             staging.mkdir()
-            save_model_card(net.model_card(training, results), staging)
+            save_model_card(net.model_card(training, results, baselines=baselines), staging)
             net.save_pretrained(staging)
             staged.append((staging, target))
         for staging, target in staged:
@@ -238,8 +244,25 @@ def tracker_config(values: dict) -> dict:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
 
 
+def init_trackers(accelerator: Accelerator, project: str, hparams: dict) -> None:
+    """Start the run's trackers (``--log-with``) and record its ``hparams``, TensorBoard's in the run's own event
+    file: Accelerate's ``store_init_configuration`` would add an empty second run (``SummaryWriter.add_hparams``
+    writes into a new time-stamped subdirectory) and another folder holding only ``hparams.yml``."""
+    accelerator.init_trackers(project)
+    values = tracker_config(hparams)
+    for tracker in accelerator.trackers:
+        if isinstance(tracker, TensorBoardTracker):
+            from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+            for summary in hparams_summaries(values, metric_dict={}):
+                tracker.writer.file_writer.add_summary(summary)
+            tracker.writer.flush()
+        else:
+            tracker.store_init_configuration(values)
+
+
 def _flat_hparams(args: PretrainArguments, model: SSLForPreTraining) -> dict:
-    return tracker_config({**asdict(args), **model.config.method_kwargs, "method": model.config.method})
+    return {**asdict(args), **model.config.method_kwargs, "method": model.config.method}
 
 
 def _per_process_file(directory: Path, rank: int) -> Path:
@@ -589,7 +612,7 @@ class Pretrainer:
         if checkpoint is not None and self.method.per_process_buffers:
             load_per_process_buffers(self.method, checkpoint, accelerator.process_index, accelerator.num_processes)
         if args.log_with:
-            accelerator.init_trackers("sslhub", config=_flat_hparams(args, accelerator.unwrap_model(self.model)))
+            init_trackers(accelerator, "sslhub", _flat_hparams(args, accelerator.unwrap_model(self.model)))
         if state.step == 0:
             state.knn_random_init = self.knn_accuracy()
             if state.knn_random_init is not None:
@@ -603,13 +626,11 @@ class Pretrainer:
                 self.train_epoch(bar)
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            results = None
+            results = baselines = None
             if state.knn_history:
-                results = {
-                    f"knn_top1_k{args.knn_k}": state.knn_history[-1][1],
-                    f"knn_top1_k{args.knn_k}_at_random_init": state.knn_random_init,
-                }
-            save_final_models(model, args.output_dir, self.training_facts(model), results)
+                results = {f"knn_top1_k{args.knn_k}": state.knn_history[-1][1]}
+                baselines = {f"knn_top1_k{args.knn_k}_at_random_init": state.knn_random_init}
+            save_final_models(model, args.output_dir, self.training_facts(model), results, baselines)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return PretrainResult(

@@ -495,6 +495,12 @@ class BoxedViews(ViewRecipe):
         return f"{type(self).__name__}({self.pairs})"
 
 
+def eval_crop_pct(image_size: int) -> float:
+    """The share of the resized image that ``eval_transform``'s centre crop keeps by default: 0.875 (256 -> 224), and
+    1.0 (no crop) for images of 64 px or less."""
+    return 1.0 if image_size <= 64 else 0.875
+
+
 def eval_transform(
     image_size: int,
     mean: Sequence[float],
@@ -504,12 +510,12 @@ def eval_transform(
     to_input: Sequence[Callable] | None = None,
 ) -> v2.Compose:
     """Evaluation as timm and DINO ``eval_linear.py``: bicubic resize of the short side to
-    ``int(image_size / crop_pct)``, centre crop, normalise; one tensor. ``crop_pct`` defaults to 0.875
-    (256 -> 224), and to 1.0 (no crop) for images of 64 px or less; ``interpolation=BILINEAR`` is torchvision's
+    ``int(image_size / crop_pct)``, centre crop, normalise; one tensor. ``crop_pct`` defaults to
+    ``eval_crop_pct(image_size)``; ``interpolation=BILINEAR`` is torchvision's
     ``Resize(256)`` default that the linear evaluations of SimSiam, Barlow Twins and SwAV use. ``to_input`` replaces
     the final ``normalize(mean, std)`` for an encoder whose input is not normalised RGB (CMC's Lab: ``lab_input``)."""
     if crop_pct is None:
-        crop_pct = 1.0 if image_size <= 64 else 0.875
+        crop_pct = eval_crop_pct(image_size)
     return v2.Compose(
         [
             v2.Resize(int(image_size / crop_pct), interpolation=interpolation),

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hub_server import WRITE_TOKEN, HubServer, client_constants  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -38,3 +40,18 @@ def image_folder(tmp_path_factory):
                 image[:, ::4] = 180
             Image.fromarray(image).save(root / label / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running ``HubServer`` (tests/test_hub_push.py); the client talks to it with ``HF_TOKEN`` = a write token and
+    an empty cache."""
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token, an empty cache
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # LFS files go through the LFS batch API
+        monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+        for name, value in client_constants().items():
+            monkeypatch.setattr(constants, name, value)
+        yield server

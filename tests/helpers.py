@@ -62,6 +62,29 @@ def tiny_args(data, output_dir, **overrides):
     return PretrainArguments(**{**values, **overrides})
 
 
+def tensorboard_runs(directory):
+    """{run directory: its loaded ``EventAccumulator``} for the TensorBoard runs (directories holding event files)
+    under ``directory``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = directory.rglob("events.out.tfevents.*")
+    runs = {run: EventAccumulator(str(run)) for run in {path.parent for path in events}}
+    for accumulator in runs.values():
+        accumulator.Reload()
+    return runs
+
+
+def assert_one_tensorboard_run(output_dir, name, scalars):
+    """The run's logs are one TensorBoard run, ``output_dir / name``, holding ``scalars`` and the hyperparameters,
+    with no other folder (Accelerate's time-stamped hparams.yml) in it."""
+    run = output_dir / name
+    runs = tensorboard_runs(output_dir)
+    assert list(runs) == [run]
+    assert set(scalars) <= set(runs[run].Tags()["scalars"])
+    assert "_hparams_/experiment" in runs[run].PluginTagToContent("hparams")
+    assert all(path.name.startswith("events.out.tfevents.") for path in run.iterdir())
+
+
 def params(module, prefixes):
     """Copies of ``module``'s parameters whose names start with ``prefixes``."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefixes)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import re
 import threading
@@ -67,6 +68,14 @@ class HubHTTPError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, **extra):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra
+
+
+def client_constants() -> dict:
+    """``huggingface_hub.constants`` as the library computes them at import, from the current environment."""
+    spec = importlib.util.find_spec("huggingface_hub.constants")
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return {name: value for name, value in vars(fresh).items() if name.isupper()}
 
 
 def git_blob_id(content: bytes) -> str:

@@ -123,6 +123,8 @@ def test_non_finite_weights_are_refused_on_load_and_on_convert(tmp_path, capsys,
 
 
 def test_truncated_or_wrong_shape_safetensors_is_one_sentence_naming_the_file(tmp_path):
+    """A truncated file, a file without header, a truncated shard of a sharded checkpoint (named, not
+    ``model.safetensors``), a tensor of another shape."""
     directory = encoder_dir(tmp_path / "enc")
     weights = directory / "model.safetensors"
     data = weights.read_bytes()
@@ -132,6 +134,13 @@ def test_truncated_or_wrong_shape_safetensors_is_one_sentence_naming_the_file(tm
     weights.write_bytes(b"\x00" * 64)  # not even a header
     with pytest.raises(CheckpointError, match=f"^{weights} is not a readable safetensors file"):
         sslhub.from_pretrained(directory)
+    sharded = tmp_path / "sharded"
+    sslhub.from_pretrained(encoder_dir(tmp_path / "whole")).save_pretrained(sharded, max_shard_size="10MB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].write_bytes(shards[-1].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"^{shards[-1]} is not a readable safetensors file"):
+        sslhub.from_pretrained(sharded)
     other = encoder_dir(tmp_path / "shape")
     edit_weights(other, lambda state: state.update({"encoder.backbone.conv1.weight": torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError) as raised:
@@ -155,6 +164,29 @@ def test_a_load_that_matches_prints_no_load_report(tmp_path, monkeypatch):
     assert records == []  # nor the tensor-parallel warning a quieter logger level would cause
 
 
+@pytest.mark.filterwarnings("ignore:.*preset without weights:UserWarning")
+def test_cli_release_errors_name_the_pretrained_path_flag(tmp_path, monkeypatch, capsys):
+    """A release not on disk (offline, nothing cached), a --pretrained-path that does not exist, and one given with a
+    model that is no release: eval, finetune and export each say so naming --pretrained-path."""
+    monkeypatch.setenv("SSLHUB_CACHE", str(tmp_path / "cache"))
+    commands = {
+        "eval": ["eval", "knn", "--data", "builtin", "--output-dir", str(tmp_path / "eval"), "--no-progress"],
+        "finetune": ["finetune", "--data", "builtin", "--output-dir", str(tmp_path / "ft"), "--no-progress"],
+        "export": ["export", "--format", "timm", "--output", str(tmp_path / "export")],
+    }
+    release, missing = "dino_vit_small_patch16_224.in1k", str(tmp_path / "missing.pth")
+    for name, command in commands.items():
+        for model, extra, message in [
+            (release, [], "(offline); pass --pretrained-path FILE (Python: pretrained_path=FILE)"),
+            (release, ["--pretrained-path", missing], f"(pretrained_path) {missing!r} does not exist"),
+            (PRESET, ["--pretrained-path", missing], "is the file of a release 'preset.tag'"),
+        ]:
+            assert cli_main([*command, "--model", model, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"sslhub {name}: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "export").exists()
+
+
 # ---- output directories --------------------------------------------------------------------------------------------
 
 
@@ -170,11 +202,31 @@ def test_convert_into_a_non_empty_directory_needs_overwrite_and_keeps_the_users_
     assert cli_main([*args, "--overwrite"]) == 0
     assert_user_files_kept(output)
     assert sorted(p.name for p in output.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "notes.txt", "sub"
+        ".sslhub-files", "README.md", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json", "sub"
     ]  # fmt: skip
     written = sslhub.from_pretrained(output).encoder.backbone.conv1.weight
     assert torch.equal(written, torch.load(path, weights_only=True)["conv1.weight"])
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
+
+
+def test_overwrite_replaces_only_the_files_sslhub_wrote(tmp_path, capsys):
+    """The user's own README.md in the output is not sslhub's to replace, even with --overwrite (nothing is written);
+    sslhub's own output is replaced, and files the user added to it stay."""
+    path = timm_backbone_file(tmp_path)
+    output = user_files(tmp_path / "out")
+    (output / "README.md").write_text("my project")
+    args = ["convert", "--model", PRESET, "--checkpoint", str(path), "--output", str(output), "--overwrite"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds ['README.md'], which sslhub did not write there" in err and err.count("\n") == 1
+    assert (output / "README.md").read_text() == "my project"
+    assert sorted(p.name for p in output.iterdir()) == ["README.md", "notes.txt", "sub"]
+    ours = tmp_path / "ours"
+    assert cli_main([*args[:-2], str(ours)]) == 0
+    (ours / "notes.txt").write_text("mine")
+    card = (ours / "README.md").read_text()
+    assert cli_main([*args[:-2], str(ours), "--overwrite"]) == 0
+    assert (ours / "notes.txt").read_text() == "mine" and (ours / "README.md").read_text() == card
 
 
 def test_export_into_a_non_empty_directory_names_the_flag_and_keeps_the_users_files(tmp_path, capsys):

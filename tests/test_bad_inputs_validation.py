@@ -15,7 +15,7 @@ from PIL import Image
 import sslhub
 from sslhub import cli
 from sslhub.configuration import SSLConfig
-from sslhub.data import MAX_READ_RETRIES, ImageDataset, image_folder
+from sslhub.data import MAX_READ_RETRIES, ImageDataset, hf_dataset, image_folder
 from sslhub.files import check_writable
 from sslhub.registry import get_method
 
@@ -112,7 +112,7 @@ def test_bad_config_json_values_do_not_load(tmp_path, change, key):
     for name, value in change.items():
         values[name] = {**values[name], **value} if isinstance(value, dict) else value
     (tmp_path / "config.json").write_text(json.dumps(values))
-    with pytest.raises(ValueError, match=rf"\b{key}\b"):
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'config.json'}: .*\b{key}\b"):
         SSLConfig.from_pretrained(tmp_path)
 
 
@@ -255,17 +255,33 @@ def test_a_linked_folder_outside_the_data_is_still_followed(tmp_path):
     assert image_folder(tmp_path / "data").labels == [0, 0, 0, 1, 1, 1]
 
 
+def rotated_photo(path) -> np.ndarray:
+    """A JPEG whose EXIF orientation says "rotate 90 degrees clockwise to display"; returns its upright pixels."""
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 32, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    stored = np.asarray(Image.open(path).convert("RGB"))  # the decoder's pixels, not rotated
+    return np.rot90(stored, k=-1)
+
+
 @pytest.mark.parametrize("cache_bytes", [1 << 20, 0])
 def test_exif_orientation_is_applied(tmp_path, cache_bytes):
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (16, 32, 3), dtype=np.uint8)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
-    stored = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))  # the decoder's pixels, not rotated
-    upright = np.rot90(stored, k=-1)  # 90 degrees clockwise
+    upright = rotated_photo(tmp_path / "photo.jpg")
     image, _ = image_folder(tmp_path, cache_bytes=cache_bytes)[0]
     assert image.size == (16, 32)
+    np.testing.assert_array_equal(np.asarray(image), upright)
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 20, 0])
+def test_exif_orientation_is_applied_to_hugging_face_datasets(tmp_path, cache_bytes):
+    """``datasets`` decodes an ``Image()`` column upright (its ``decode_example`` transposes by EXIF), read lazily or
+    into sslhub's decoded cache."""
+    import datasets
+
+    upright = rotated_photo(tmp_path / "photo.jpg")
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "photo.jpg")]}).cast_column("image", datasets.Image())
+    image, _ = hf_dataset(table, cache_bytes=cache_bytes)[0]
     np.testing.assert_array_equal(np.asarray(image), upright)
 
 
@@ -337,3 +353,28 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch, com
     status, err = run_cli(argv, capsys)
     expected = f"sslhub {command}: interrupted" + ("; resume with --resume latest" if hint else "")
     assert status == 130 and err == [expected]
+
+
+def test_a_collective_that_lost_another_process_is_one_line(tmp_path, capsys, monkeypatch):
+    """What gloo raises in the surviving process of a 2-process run whose other process was killed (seen with
+    torchrun and kill -9), before torchrun's SIGTERM reaches it."""
+    from sslhub import training
+
+    def lost_peer(*args, **kwargs):
+        raise RuntimeError(
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:24451: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging"
+        )
+
+    monkeypatch.setattr(training, "pretrain", lost_peer)
+    status, err = run_cli(["pretrain", "--output-dir", str(tmp_path / "out")], capsys)
+    assert status == 1 and len(err) == 1
+    assert err[0].startswith("sslhub pretrain: error: another process of this run stopped ([/__w/pytorch")
+    assert err[0].endswith("Connection reset by peer); its log names why; resume with --resume latest")
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(training, "pretrain", bug)
+    with pytest.raises(RuntimeError):  # any other RuntimeError is a bug to show in full
+        run_cli(["pretrain", "--output-dir", str(tmp_path / "out")], capsys)

@@ -598,6 +598,12 @@ def test_zoo_script_converts_and_verifies_against_timm(tmp_path, vit_small_state
     assert result["independent_rel_error"] < 1e-4
     assert result["reload_max_abs_diff"] == 0.0
     assert (tmp_path / "out" / "dino_vit_small_patch16_224.in1k" / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a second run keeps the first's files ...
+        zoo_script().convert_release(get_pretrained("dino_vit_small_patch16_224.in1k"), path, tmp_path / "out")
+    again = zoo_script().convert_release(  # ... unless told to replace them
+        get_pretrained("dino_vit_small_patch16_224.in1k"), path, tmp_path / "out", overwrite=True
+    )
+    assert again["reload_max_abs_diff"] == 0.0
 
 
 def test_model_cards_catalogue_lists_every_release_as_the_registry_renders_it(tmp_path, monkeypatch):

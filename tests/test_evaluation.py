@@ -279,7 +279,7 @@ def test_model_names_resolve_like_the_rest_of_sslhub(tmp_path, monkeypatch):
     evaluation.load_model("someorg/my-moco")
     assert calls == [
         ("load", str(tmp_path)),
-        ("create", "dino_vit_small_patch16_224.in1k", {"pretrained": True}),
+        ("create", "dino_vit_small_patch16_224.in1k", {"pretrained": True, "pretrained_path": None}),
         ("create", "moco_v2_resnet18", {}),
         ("load", "someorg/my-moco"),
     ]

@@ -232,7 +232,7 @@ def test_wrong_shapes_and_sizes_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="of type.*'dinov2'"):
         vit_from_transformers(state, {**config, "model_type": "dinov2"})
     with pytest.raises(
-        CheckpointError, match="DIR: sslhub reads transformers vit, vit_mae and dinov2 models, not 'beit'"
+        CheckpointError, match="DIR: sslhub reads transformers vit, vit_mae, vit_msn and dinov2 models, not 'beit'"
     ):
         convert_hf_encoder(state, {**config, "model_type": "beit"}, source="DIR")
 

@@ -3,21 +3,21 @@ huggingface_hub client: ``sslhub push``, ``model.push_to_hub``, ``sslhub.from_pr
 
 How the client is pointed at the server: huggingface_hub reads its environment once, at import, into
 ``huggingface_hub.constants`` (``ENDPOINT``, the resolve-URL template, ``HF_HUB_OFFLINE``, cache and token paths, the
-xet switch). The ``hub`` fixture sets the environment with ``monkeypatch`` and executes a fresh copy of that module
-under it, so every constant is recomputed exactly as the library would at start-up, and patches the live module with
-the result; ``monkeypatch`` restores all of it after the test, so ``HF_HUB_OFFLINE=1`` (conftest) holds for every other
-test. In-process rather than in a subprocess because importing torch + transformers again costs seconds per call.
+xet switch). The ``hub`` fixture (conftest.py) sets the environment with ``monkeypatch`` and executes a fresh copy of
+that module under it, so every constant is recomputed exactly as the library would at start-up, and patches the live
+module with the result; ``monkeypatch`` restores all of it after the test, so ``HF_HUB_OFFLINE=1`` (conftest) holds
+for every other test. In-process rather than in a subprocess because importing torch + transformers again costs
+seconds per call.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
 import pytest
 import torch
-from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
+from hub_server import READ_TOKEN, WRITE_TOKEN, client_constants
 from huggingface_hub import ModelCard, _commit_api, constants
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.tensorboard import SummaryWriter
@@ -30,28 +30,6 @@ from sslhub.hub.curves import training_curves_png
 from sslhub.hub.push import CURVES_FILE
 
 TINY = "mae_vit_tiny_patch4_32px"
-
-
-def client_constants() -> dict:
-    """``huggingface_hub.constants`` as the library computes them at import, from the current environment."""
-    spec = importlib.util.find_spec("huggingface_hub.constants")
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
-    return {name: value for name, value in vars(fresh).items() if name.isupper()}
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A running ``HubServer``; the client talks to it with ``HF_TOKEN`` = a write token and an empty cache."""
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token, an empty cache
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # LFS files go through the LFS batch API
-        monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-        for name, value in client_constants().items():
-            monkeypatch.setattr(constants, name, value)
-        yield server
 
 
 def tiny_model(seed: int = 0, task: str = "features"):
@@ -83,7 +61,9 @@ def test_push_uploads_config_weights_and_card_in_one_commit_and_downloads_into_a
     info = push_checkpoint(directory, "me/tiny")
     assert hub.requests.count(("POST", "commit")) == 1 and ("PUT", "lfs-upload") in hub.requests
     files = hub.files("me/tiny")
-    assert sorted(files) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    assert sorted(files) == [
+        ".gitattributes", "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
     assert files["model.safetensors"] == (directory / "model.safetensors").read_bytes()
     card = (directory / "README.md").read_text()
     assert PLACEHOLDER_REPO in card and files["README.md"].decode() == card.replace(PLACEHOLDER_REPO, "me/tiny")

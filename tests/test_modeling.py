@@ -1,5 +1,8 @@
 """Model classes: save/load round trips, Auto* registration, outputs and the timm hand-over."""
 
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -9,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import sslhub
 from sslhub.cli import main as cli_main
 from sslhub.conversion.loading import CheckpointError
-from sslhub.modeling import TASKS, model_class
+from sslhub.modeling import TASKS, VERBOSE_ENV, model_class
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,16 @@ def test_cli_list_takes_a_word_the_names_contain(capsys):
     assert all("dino" in name for name in listed) and "ibot_vit_small_patch16_224" not in listed
     assert cli_main(["list", "--pretrained", "jigsaw_resnet50"]) == 0
     assert "jigsaw_resnet50.in1k_perm2k" in capsys.readouterr().out
+
+
+def test_cli_output_to_a_closed_pipe_ends_quietly():
+    """``sslhub list --pretrained | head -1``: the reader closes the pipe early (here before the first line); exit 141
+    (SIGPIPE), no traceback."""
+    command = [sys.executable, "-m", "sslhub", "list", "--pretrained"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        process.stdout.close()
+        stderr = process.stderr.read()
+    assert process.returncode == 141 and stderr == "", stderr
 
 
 def test_unknown_names_give_clear_errors():
@@ -69,7 +82,9 @@ def test_pretraining_round_trip_is_exact(preset, tmp_path, images):
         else (sslhub.create_model(preset, task="pretraining"))
     )
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
     assert "library_name: sslhub" in (tmp_path / "README.md").read_text()
     loaded = sslhub.from_pretrained(tmp_path)
     assert type(loaded) is sslhub.SSLForPreTraining
@@ -98,6 +113,36 @@ def test_auto_classes_round_trip(tmp_path, images):
     assert type(classifier) is sslhub.SSLForImageClassification
     assert torch.equal(classifier.ssl(images).pooler_output, model(images).pooler_output)
     assert classifier(images).logits.shape == (2, 3)
+
+
+def test_config_attributes_given_to_from_pretrained_apply_as_in_transformers(tmp_path, images):
+    """``sslhub.from_pretrained(DIR, task="classification", num_labels=3)`` (a TypeError before): a new classifier of 3
+    labels on the encoder; ``id2label`` renames a classifier's labels and keeps its weights."""
+    sslhub.create_model("moco_v2_resnet18_32px").save_pretrained(tmp_path / "encoder")
+    classifier = sslhub.from_pretrained(tmp_path / "encoder", task="classification", num_labels=3)
+    assert classifier.classifier.out_features == 3 and classifier.config.id2label[2] == "LABEL_2"
+    classifier.save_pretrained(tmp_path / "classifier")
+    renamed = sslhub.from_pretrained(tmp_path / "classifier", id2label={0: "a", 1: "b", 2: "c"})
+    assert renamed.config.label2id == {"a": 0, "b": 1, "c": 2}
+    assert torch.equal(renamed.classifier.weight, classifier.classifier.weight)
+    assert sslhub.from_pretrained(tmp_path / "classifier", image_size=64).config.image_size == 64
+
+
+def test_loads_and_saves_print_nothing_unless_verbose(tmp_path, capfd, caplog, monkeypatch):
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    model = sslhub.create_model("moco_v2_resnet18_32px")
+    capfd.readouterr()
+    model.save_pretrained(tmp_path / "quiet")
+    sslhub.from_pretrained(tmp_path / "quiet")
+    sslhub.from_pretrained(tmp_path / "quiet", task="classification")  # a new classifier: missing keys
+    assert capfd.readouterr() == ("", "") and "LOAD REPORT" not in caplog.text
+    transformers.ResNetModel(transformers.ResNetConfig(depths=[1] * 4)).save_pretrained(tmp_path / "theirs")
+    assert "Writing model shards" in capfd.readouterr().err  # transformers' own calls keep their bars
+    monkeypatch.setenv(VERBOSE_ENV, "1")  # sslhub --verbose
+    model.save_pretrained(tmp_path / "verbose")
+    sslhub.from_pretrained(tmp_path / "verbose", task="classification")
+    err = capfd.readouterr().err
+    assert "Writing model shards" in err and "Loading weights" in err and "LOAD REPORT" in caplog.text
 
 
 def test_saved_encoder_keys_are_the_encoders_own(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import pretrain_silently, tiny_args
+from helpers import assert_one_tensorboard_run, pretrain_silently, tiny_args
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -190,6 +190,11 @@ def test_resume_continues_exactly(image_folder, tmp_path, model, overrides):
     final_resumed = sslhub.from_pretrained(tmp_path / "cut" / "pretraining").state_dict()
     for key in final_full:
         assert torch.equal(final_full[key], final_resumed[key]), key
+
+
+def test_tensorboard_logs_are_one_run_with_its_scalars_and_hparams(image_folder, tmp_path):
+    pretrain(tiny_args(image_folder, tmp_path, epochs=1, max_steps=2, log_every=1, log_with="tensorboard"))
+    assert_one_tensorboard_run(tmp_path, "sslhub", ["train/loss", "train/lr"])
 
 
 def test_gradient_accumulation_and_keep_checkpoints(image_folder, tmp_path):

@@ -1,4 +1,5 @@
-"""Key mappings between Hugging Face transformers ViT-family checkpoints and timm ViTs, in both directions.
+"""Key mappings between Hugging Face transformers ViT-family checkpoints and timm ViTs, in both directions, and from
+timm ResNets to transformers' ``ResNetModel`` (export only).
 
 The transformers side is the *checkpoint* layout: what Hub files hold and what ``save_pretrained`` writes
 (``encoder.layer.{i}.attention.attention.query``, see ``official-checkpoints.md`` §0.2). transformers >= 5 renames
@@ -21,9 +22,11 @@ from typing import NamedTuple
 
 import timm
 import torch
+from timm.layers import DropBlock2d, DropPath
+from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
-from transformers import AutoConfig, BeitConfig, PretrainedConfig, ViTConfig, ViTMAEConfig
+from transformers import AutoConfig, BeitConfig, PretrainedConfig, ResNetConfig, ViTConfig, ViTMAEConfig
 
 from sslhub.conversion.keys import Converted
 from sslhub.conversion.loading import CheckpointError
@@ -32,7 +35,7 @@ from sslhub.heads import MAEDecoder
 Row = tuple[str, tuple[str, ...]]
 """(timm name, transformers names); a name is a parameter or a module whose ``.weight`` / ``.bias`` follow it."""
 
-_SUFFIXES = ("", ".weight", ".bias")
+_SUFFIXES = ("", ".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")  # BatchNorm buffers too
 _QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 
 # timm ``VisionTransformer`` / ``Block`` (timm/models/vision_transformer.py) vs transformers ``ViTEmbeddings`` /
@@ -255,16 +258,17 @@ def _mlp_ratio(hidden_features: int, dim: int) -> float:
 # ---- ViT (DINO ports, ViT-MAE encoder) -------------------------------------------------------------------------
 
 _VIT_ENTRYPOINT = "vit_base_patch16_224"  # any plain timm ViT entrypoint: vit_timm_kwargs sets every size
+_VIT_TYPES = ("vit", "vit_mae", "vit_msn")  # ViTMSN: transformers' ViT without pooler, sslhub's mean-pooled ViT export
 
 
 def vit_timm_kwargs(config: PretrainedConfig | Mapping) -> dict:
     """Keyword arguments for a timm ViT entrypoint (``VisionTransformer``) that build the encoder of a transformers
-    ``ViTConfig`` / ``ViTMAEConfig``.
+    ``ViTConfig`` / ``ViTMAEConfig`` / ``ViTMSNConfig``.
 
     timm's LayerNorm has eps 1e-6 (the DINO / MAE value); the Hub ports of DINO and MAE say 1e-12 in their configs
     (official-checkpoints.md §21.5), a difference of ~1e-6 relative in the outputs.
     """
-    config = _as_config(config, ("vit", "vit_mae"))
+    config = _as_config(config, _VIT_TYPES)
     if config.hidden_act != "gelu":
         raise ValueError(f"timm's ViT uses exact GELU; this config has hidden_act={config.hidden_act!r}")
     return {
@@ -280,10 +284,10 @@ def vit_timm_kwargs(config: PretrainedConfig | Mapping) -> dict:
 
 
 def vit_from_transformers(state_dict: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping) -> KeyMapping:
-    """``ViTModel`` / ``ViTForImageClassification`` / ``ViTMAEModel`` / ``ViTMAEForPreTraining`` checkpoint -> timm
-    ViT encoder keys (``vit.`` prefix optional). Pooler, classifier and MAE decoder keys are returned as ignored;
-    the result is checked against the timm ViT that ``vit_timm_kwargs(config)`` builds."""
-    config = _as_config(config, ("vit", "vit_mae"))
+    """``ViTModel`` / ``ViTForImageClassification`` / ``ViTMAEModel`` / ``ViTMAEForPreTraining`` / ``ViTMSNModel``
+    checkpoint -> timm ViT encoder keys (``vit.`` prefix optional). Pooler, classifier and MAE decoder keys are
+    returned as ignored; the result is checked against the timm ViT that ``vit_timm_kwargs(config)`` builds."""
+    config = _as_config(config, _VIT_TYPES)
     prefix = _hf_prefix(state_dict, ("", "vit."))
     mapped, ignored, unknown = _from_transformers(state_dict, VIT, config.num_hidden_layers, prefix)
     expected = _timm_shapes(_VIT_ENTRYPOINT, vit_timm_kwargs(config))
@@ -330,9 +334,10 @@ def _vit_config_kwargs(vit: nn.Module) -> dict:
     }
 
 
-def vit_config(vit: nn.Module, **overrides) -> ViTConfig:
-    """The ``ViTConfig`` of a timm ViT (sizes, ``qkv_bias``, ``layer_norm_eps`` of its final norm, exact GELU)."""
-    return ViTConfig(**{**_vit_config_kwargs(vit), **overrides})
+def vit_config(vit: nn.Module, config_class: type[PretrainedConfig] = ViTConfig, **overrides) -> PretrainedConfig:
+    """The ``ViTConfig`` (or ``config_class``, e.g. ``ViTMSNConfig``) of a timm ViT (sizes, ``qkv_bias``,
+    ``layer_norm_eps`` of its final norm, exact GELU)."""
+    return config_class(**{**_vit_config_kwargs(vit), **overrides})
 
 
 # ---- MAE decoder -----------------------------------------------------------------------------------------------
@@ -579,25 +584,136 @@ def beit_config(vit: nn.Module, **overrides) -> BeitConfig:
     return BeitConfig(**{**fields, **overrides})
 
 
+# ---- ResNet (export only) ---------------------------------------------------------------------------------------
+
+# timm ``ResNet`` (timm/models/resnet.py) vs transformers ``ResNetModel`` (resnet/modeling_resnet.py): the stem's conv
+# and BatchNorm, and per block its k-th conv / bn as ``layer.{k-1}`` and its ``downsample`` as ``shortcut``; timm's
+# ``layer{s}.{i}`` is ``encoder.stages.{s-1}.layers.{i}``.
+RESNET_STEM: tuple[Row, ...] = (
+    ("conv1", ("embedder.embedder.convolution",)),
+    ("bn1", ("embedder.embedder.normalization",)),
+)
+RESNET_BLOCK: tuple[Row, ...] = (
+    ("conv1", ("layer.0.convolution",)),
+    ("bn1", ("layer.0.normalization",)),
+    ("conv2", ("layer.1.convolution",)),
+    ("bn2", ("layer.1.normalization",)),
+    ("conv3", ("layer.2.convolution",)),  # bottleneck blocks only
+    ("bn3", ("layer.2.normalization",)),
+    ("downsample.0", ("shortcut.convolution",)),
+    ("downsample.1", ("shortcut.normalization",)),
+)
+_RESNET_STAGES = 4
+# The modules of a timm ResNet that transformers' ResNet has too (drop path and DropBlock act in training only).
+_RESNET_LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Identity, DropPath, DropBlock2d)
+
+
+def resnet_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``ResNet`` state dict (no classifier) -> ``ResNetModel`` checkpoint keys, BatchNorm statistics included;
+    timm keys without a row (squeeze-excitation, a classifier) raise ``ConversionError``."""
+    rows = list(RESNET_STEM)
+    for stage in range(_RESNET_STAGES):
+        timm_stage, hf_stage = f"layer{stage + 1}.", f"encoder.stages.{stage}.layers."
+        for i in range(_num_blocks(state_dict, timm_stage + "{i}.")):
+            rows += [(f"{timm_stage}{i}.{t}", tuple(f"{hf_stage}{i}.{h}" for h in hs)) for t, hs in RESNET_BLOCK]
+    mapped, unknown = _apply(state_dict, [((t,), hs) for t, hs in rows])
+    if unknown:
+        raise ConversionError("timm ResNet to transformers", unknown=unknown)
+    return mapped
+
+
+def _conv_strides(block: nn.Module) -> list[int]:
+    """The strides of a timm ResNet block's convolutions, in order."""
+    return [conv.stride[0] for conv in (block.conv1, block.conv2, getattr(block, "conv3", None)) if conv is not None]
+
+
+def _check_resnet_is_portable(resnet: nn.Module) -> None:
+    """transformers' ``ResNetModel``: a 7x7 / 2 stem and 3x3 / 2 max-pool, basic or bottleneck blocks (inner width =
+    the output's, or a quarter of it; no groups) striding 1, 2, 2, 2 in the first block of the stages, on the 3x3 conv
+    (torchvision's ResNet v1.5), 1x1 conv + BatchNorm shortcuts, PyTorch padding, BatchNorm eps 1e-5 and ReLU."""
+    stages = [getattr(resnet, f"layer{stage + 1}") for stage in range(_RESNET_STAGES)]
+    blocks = [block for stage in stages for block in stage]
+    trunk = [resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool, *stages]
+    modules = [m for module in trunk for m in module.modules()]
+    kind = type(blocks[0])
+    basic = kind is BasicBlock
+    ratio = 1 if basic else 4  # output width / inner width
+    stem, pool = resnet.conv1, resnet.maxpool
+    strides = [_conv_strides(b) for b in blocks]
+    expected_strides = [
+        (([s, 1] if basic else [1, s, 1]) if i == 0 else [1] * (2 if basic else 3))
+        for stage, s in zip(stages, (1, 2, 2, 2), strict=True)
+        for i in range(len(stage))
+    ]
+    needs = {
+        "only convolutions, BatchNorm, ReLU and max-pooling (no squeeze-excitation, anti-aliasing, other activations "
+        "or TensorFlow padding)": {type(m) for m in modules if not list(m.children())} <= set(_RESNET_LEAVES)
+        and all(getattr(b, "se", None) is None for b in blocks),
+        "a 7x7 stride-2 stem convolution and a 3x3 stride-2 max-pool (no deep stem)": isinstance(stem, nn.Conv2d)
+        and (stem.kernel_size, stem.stride) == ((7, 7), (2, 2))
+        and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1),
+        "basic or bottleneck blocks of one kind whose inner width is the output's (basic) or a quarter of it": kind
+        in (BasicBlock, Bottleneck)
+        and all(type(b) is kind for b in blocks)
+        and all(
+            b.conv1.out_channels == b.conv2.out_channels == (b.conv2 if basic else b.conv3).out_channels // ratio
+            for b in blocks
+        ),
+        "convolutions without groups, dilation or bias, padded k // 2": all(
+            c.groups == 1 and c.dilation == (1, 1) and c.bias is None and c.padding == (c.kernel_size[0] // 2,) * 2
+            for c in modules
+            if isinstance(c, nn.Conv2d)
+        ),
+        "strides 1, 2, 2, 2 in the first block of the stages, on its 3x3 convolution": strides == expected_strides,
+        "shortcuts of a 1x1 convolution and BatchNorm": all(
+            b.downsample is None or [type(m) for m in b.downsample] == [nn.Conv2d, nn.BatchNorm2d] for b in blocks
+        ),
+        "BatchNorm with eps 1e-5": all(
+            m.eps == 1e-5 and m.affine and m.track_running_stats for m in modules if isinstance(m, nn.BatchNorm2d)
+        ),
+    }
+    unmet = [need for need, met in needs.items() if not met]
+    if unmet:
+        raise ValueError(f"transformers' ResNet needs {'; '.join(unmet)}")
+
+
+def resnet_config(resnet: nn.Module) -> ResNetConfig:
+    """The ``ResNetConfig`` of a timm ``ResNet`` that transformers' ``ResNetModel`` computes exactly (see
+    ``_check_resnet_is_portable``): channels, stem width, stage widths and depths, basic or bottleneck layers."""
+    _check_resnet_is_portable(resnet)
+    stages = [getattr(resnet, f"layer{stage + 1}") for stage in range(_RESNET_STAGES)]
+    basic = isinstance(stages[0][0], BasicBlock)
+    return ResNetConfig(
+        num_channels=resnet.conv1.in_channels,
+        embedding_size=resnet.conv1.out_channels,
+        hidden_sizes=[(stage[-1].conv2 if basic else stage[-1].conv3).out_channels for stage in stages],
+        depths=[len(stage) for stage in stages],
+        layer_type="basic" if basic else "bottleneck",
+        hidden_act="relu",
+        downsample_in_first_stage=False,
+        downsample_in_bottleneck=False,
+    )
+
+
 # ---- a Hugging Face model directory as an sslhub conversion ------------------------------------------------------
 
 
 def hf_encoder_state(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> KeyMapping:
-    """The encoder of a transformers ViT / ViTMAE / DINOv2 directory's ``(state_dict, config.json)`` in timm names,
-    and the keys it leaves out with their rules (a ViTMAE decoder among them)."""
+    """The encoder of a transformers ViT / ViTMAE / ViTMSN / DINOv2 directory's ``(state_dict, config.json)`` in timm
+    names, and the keys it leaves out with their rules (a ViTMAE decoder among them)."""
     model_type = config.get("model_type")
     try:
         if model_type in ("dinov2", "dinov2_with_registers"):
             return dinov2_from_transformers(state_dict, config)
-        if model_type in ("vit", "vit_mae"):
+        if model_type in _VIT_TYPES:
             return vit_from_transformers(state_dict, config)
-        raise CheckpointError(f"sslhub reads transformers vit, vit_mae and dinov2 models, not {model_type!r}")
+        raise CheckpointError(f"sslhub reads transformers vit, vit_mae, vit_msn and dinov2 models, not {model_type!r}")
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from err
 
 
 def convert_hf_encoder(state_dict: Mapping[str, torch.Tensor], config: Mapping, source: str) -> Converted:
-    """A transformers ViT / ViTMAE / DINOv2 directory as ``Converted``: its encoder alone."""
+    """A transformers ViT / ViTMAE / ViTMSN / DINOv2 directory as ``Converted``: its encoder alone."""
     backbone, ignored = hf_encoder_state(state_dict, config, source)
     return Converted(f"transformers {config.get('model_type')}", backbone, left_out=left_out_entries(ignored))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download
@@ -26,6 +27,7 @@ from sslhub.registry import PretrainedTag, get_method, get_preset, get_pretraine
 
 logger = logging.getLogger(__name__)
 PRETRAINED_DIR_ENV = "SSLHUB_PRETRAINED_DIR"
+PASS_FILE = "pass --pretrained-path FILE (Python: pretrained_path=FILE)"  # a release's file, on the CLI and in Python
 CACHE_FORMAT = 2  # bump when converted checkpoints of the same release would be written differently
 
 
@@ -35,7 +37,7 @@ def _download_url(url: str, destination: Path) -> Path:
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(
             f"{destination.name} is not in the sslhub cache and HF_HUB_OFFLINE is set: download {url} yourself and "
-            f"pass pretrained_path=FILE (or put it in ${PRETRAINED_DIR_ENV} as {destination.name})"
+            f"{PASS_FILE} or put it in ${PRETRAINED_DIR_ENV} as {destination.name}"
         )
     import torch.hub
 
@@ -49,7 +51,7 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
     if pretrained_path is not None:
         path = Path(pretrained_path)
         if not path.exists():
-            raise CheckpointError(f"pretrained_path {str(path)!r} does not exist")
+            raise CheckpointError(f"--pretrained-path (pretrained_path) {str(path)!r} does not exist")
         return path, ""
     want_full = task == "pretraining" and tag.full_url
     url = tag.full_url if want_full else tag.url
@@ -60,7 +62,7 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
     if tag.converted_file:
         raise CheckpointError(
             f"{tag.name}: sslhub reads {tag.converted_file}, the PyTorch conversion of the authors' {url} "
-            f"({tag.conversion}); pass pretrained_path=FILE or put it in ${PRETRAINED_DIR_ENV}"
+            f"({tag.conversion}); {PASS_FILE} or put it in ${PRETRAINED_DIR_ENV}"
         )
     if tag.hf_hub_id and not want_full:
         try:
@@ -72,9 +74,18 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
         except LocalEntryNotFoundError as err:
             raise CheckpointError(
                 f"{tag.name}: {tag.hf_hub_id}/{tag.hf_filename} is not in the Hugging Face cache and the Hub cannot be "
-                f"reached (offline); pass pretrained_path=FILE with {tag.file_name} from {tag.url}"
+                f"reached (offline); {PASS_FILE} with {tag.file_name} from {tag.url}"
             ) from err
     return _download_url(url, cache_root() / "downloads" / name), ""
+
+
+def refuse_pretrained_path(model, pretrained_path) -> None:
+    """A release file given for a model that is not a release (a preset, a directory, a Hub id): ``ValueError``."""
+    if pretrained_path is not None:
+        raise ValueError(
+            f"--pretrained-path (pretrained_path) is the file of a release 'preset.tag' (`sslhub list --pretrained`); "
+            f"{str(model)!r} is not one"
+        )
 
 
 def _stamp(path: Path) -> dict:
@@ -112,14 +123,16 @@ def _read_stamp(stamp_file: Path) -> dict | None:
 
 
 def _convert_into_cache(tag: PretrainedTag, path: Path, layout: str, task: str, cache_dir: Path, stamp: dict) -> None:
-    """Convert ``path`` into ``cache_dir`` (sslhub's own directory, replaced) and stamp it with its source; the stamp
-    is removed first, so that a conversion cut short is never taken for a finished one."""
+    """Convert ``path`` into ``cache_dir`` (sslhub's own directory, replaced whole: an earlier conversion's files go
+    first) and stamp it with its source; the stamp goes first, so that a conversion cut short is never taken for a
+    finished one."""
     (cache_dir / "source.json").unlink(missing_ok=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     converted = read_checkpoint(path, layout or None)
     config = SSLConfig.from_preset(tag.preset, **tag.overrides)
     recorded = {k: v for k, v in converted.method_overrides.items() if k in config.method_kwargs}
     model = build_converted_model(config.with_overrides(**recorded), converted, task, str(path))
-    save_atomically(model, cache_dir, model.model_card(**release_card_fields(tag)), overwrite=True)
+    save_atomically(model, cache_dir, model.model_card(**release_card_fields(tag)))
     write_atomically(cache_dir / "source.json", json.dumps(stamp))
 
 

@@ -70,6 +70,7 @@ def render_model_card(
     method_info: dict[str, str],
     training: dict[str, Any] | None = None,
     results: dict[str, float] | None = None,
+    baselines: dict[str, float] | None = None,
     model_id: str | None = None,
     license: str = "apache-2.0",
     source: str | None = None,
@@ -86,7 +87,9 @@ def render_model_card(
     ``method_info``: ``paper`` (title), ``arxiv`` (id), ``citation`` (BibTeX), ``released_encoder`` (text).
     ``training``: flat dict of pretraining hyperparameters; ``training["data"]`` names the data (a local path is
     shown by its last component only). ``results``: metric name -> top-1 accuracy in [0, 1] (e.g.
-    ``{"kNN top-1 (k=20)": 0.91}``; ``None`` values are skipped), written to the body and to ``model-index``.
+    ``{"kNN top-1 (k=20)": 0.91}``; ``None`` values are skipped), written to the body and to ``model-index``;
+    ``baselines``: the same for references that are not this model's scores (the backbone at random initialisation),
+    written to the body only.
     ``source``: where converted weights come from (the authors' release), shown under "Pretraining";
     ``pretrained_name``: the ``"preset.tag"`` that ``sslhub.create_model(..., pretrained=True)`` loads;
     ``eval_data``: the data ``results`` were measured on when it is not the training data (DINOv2: LVD-142M /
@@ -102,6 +105,9 @@ def render_model_card(
     name = model_id or f"{method}_{backbone}"
     results = {
         metric: accuracy_fraction(metric, value) for metric, value in (results or {}).items() if value is not None
+    }
+    baselines = {
+        metric: accuracy_fraction(metric, value) for metric, value in (baselines or {}).items() if value is not None
     }
     eval_name, eval_id = describe_data(eval_data) if eval_data is not None else (data_name, dataset_id)
     if results and eval_name is None:
@@ -141,6 +147,7 @@ def render_model_card(
         pretrained_name=pretrained_name,
         hyperparameters=[(_cell(key), _cell(value)) for key, value in hyperparameters.items()],
         results=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in results.items()],
+        baselines=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in baselines.items()],
     )
 
 

@@ -198,10 +198,11 @@ class MethodOutput:
 @dataclass(frozen=True)
 class ExportTargets:
     """The transformers classes ``sslhub export --format transformers`` writes: ``encoder`` for the released encoder
-    (a timm ViT encoder as ``ViTModel`` by default), ``pretraining`` for the whole objective (``None``: not
-    exported). ``sslhub.export`` knows how to write each class it names."""
+    (by default ``"timm"``: the stock class of the timm backbone, ``ViTModel`` / ``ViTMSNModel`` / ``ResNetModel``),
+    ``pretraining`` for the whole objective (``None``: not exported). ``sslhub.export`` knows how to write each class
+    it names."""
 
-    encoder: str | None = "ViTModel"
+    encoder: str | None = "timm"
     pretraining: str | None = None
 
 
