@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from sslhub.arguments import add_dataclass_arguments, dataclass_values, worker_count
@@ -26,6 +27,22 @@ TERMINATED = 143  # exit status of a run stopped by SIGTERM (128 + 15): torchrun
 PEER_FAILED = 1  # exit status of a process whose collective lost another process of the run
 # What gloo / NCCL raise in a process whose peer died during a collective (a RuntimeError naming the transport).
 LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed) by peer", re.IGNORECASE)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _one_line_warnings(command: str, default):
+    """A ``warnings.showwarning`` that prints sslhub's own warnings as ``sslhub COMMAND: warning: ...``, without the
+    file and line of its code; other packages' warnings as ``default`` shows them."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            print(f"sslhub {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 class Terminated(BaseException):
@@ -429,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"  # read by sslhub.modeling.quiet_transformers, here and in worker processes
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
     previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid())) if in_main_thread else None
+    show_warning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(ns.command, show_warning)
     try:
         import_method_modules(getattr(ns, "method_module", []))
         return RUNNERS[ns.command](ns)
@@ -458,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return BROKEN_PIPE
     finally:
+        warnings.showwarning = show_warning
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -1,6 +1,6 @@
 """Bad input refused with one sentence naming the key, flag or file (issue 15): method hyperparameters, config
 values, run arguments, output directories, data folders (symlink loops, EXIF orientation, truncated files), and the
-command line's ``--debug`` and Ctrl-C."""
+command line's ``--debug``, Ctrl-C, SIGTERM, a lost peer process and its warnings."""
 
 import dataclasses
 import json
@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sslhub
@@ -378,3 +379,14 @@ def test_a_collective_that_lost_another_process_is_one_line(tmp_path, capsys, mo
     monkeypatch.setattr(training, "pretrain", bug)
     with pytest.raises(RuntimeError):  # any other RuntimeError is a bug to show in full
         run_cli(["pretrain", "--output-dir", str(tmp_path / "out")], capsys)
+
+
+def test_sslhubs_own_warnings_are_one_line_on_the_command_line(capsys):
+    """``sslhub finetune`` warning that a run ended at chance: one line naming the command, not the file and line of
+    sslhub's code; other packages' warnings keep Python's format."""
+    shown = []
+    show = cli._one_line_warnings("finetune", lambda *args: shown.append(args))
+    show(UserWarning("fine-tuning ended at chance"), UserWarning, cli.__file__, 530)
+    assert capsys.readouterr().err == "sslhub finetune: warning: fine-tuning ended at chance\n"
+    show(UserWarning("theirs"), UserWarning, torch.__file__, 7)
+    assert len(shown) == 1 and shown[0][2] == torch.__file__ and capsys.readouterr().err == ""
