@@ -160,6 +160,8 @@ def test_classifier_card_says_fine_tuned_and_shows_logits():
     assert "logits = model(pixel_values).logits" in card.text and "pooler_output" not in card.text
     assert "## Fine-tuning" in card.text and "## Pretraining" not in card.text
     assert "AutoModelForImageClassification.from_pretrained" in card.text
+    assert 'pipeline("image-classification", model="me/dino-pets")' in card.text
+    assert 'pipeline("image-feature-extraction", model="me/dino")' in dino_card(model_id="me/dino").text
 
 
 def test_results_can_name_another_dataset_than_the_training_data():
