@@ -351,14 +351,14 @@ def _add_export_parser(subparsers, parents) -> None:
 
 
 def _run_export(ns: argparse.Namespace) -> int:
-    from sslhub.conversion.pretrained import refuse_pretrained_path
+    from sslhub.conversion.pretrained import is_release_name, refuse_pretrained_path
     from sslhub.export import export_timm, export_transformers
     from sslhub.factory import create_model, from_pretrained
     from sslhub.files import check_output_directory
 
     check_output_directory(ns.output, ns.overwrite, "--overwrite")  # before loading the model
 
-    if "." in ns.model and not Path(ns.model).exists():
+    if is_release_name(ns.model):
         model = create_model(ns.model, pretrained=True, pretrained_path=ns.pretrained_path)
     else:
         refuse_pretrained_path(ns.model, ns.pretrained_path)
@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid())) if in_main_thread else None
     show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warnings(ns.command, show_warning)
+    resume_hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
     try:
         import_method_modules(getattr(ns, "method_module", []))
         return RUNNERS[ns.command](ns)
@@ -459,17 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as stop:
         if ns.debug:
             raise
-        hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
         terminated = isinstance(stop, Terminated)
-        print(f"sslhub {ns.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        print(f"sslhub {ns.command}: {'terminated' if terminated else 'interrupted'}{resume_hint}", file=sys.stderr)
         return TERMINATED if terminated else INTERRUPTED
     except RuntimeError as err:
         if ns.debug or not LOST_PEER.search(str(err)):
             raise
-        hint = "; resume with --resume latest" if ns.command in RESUMABLE else ""
         cause = str(err).strip().splitlines()[0].split(". This is typically")[0]  # without gloo's generic advice
         print(
-            f"sslhub {ns.command}: error: another process of this run stopped ({cause}); its log names why{hint}",
+            f"sslhub {ns.command}: error: another process of this run stopped ({cause}); its log names why"
+            f"{resume_hint}",
             file=sys.stderr,
         )
         return PEER_FAILED

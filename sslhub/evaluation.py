@@ -28,8 +28,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from sslhub.configuration import SSLConfig
-from sslhub.conversion.loading import CheckpointError
-from sslhub.conversion.pretrained import refuse_pretrained_path
+from sslhub.conversion.loading import CheckpointError, non_finite
+from sslhub.conversion.pretrained import is_release_name, refuse_pretrained_path
 from sslhub.data import ImageDataset, dataset_fingerprint, labelled_splits
 from sslhub.factory import create_model, create_transform, from_pretrained
 from sslhub.files import cache_root, write_atomically
@@ -86,7 +86,7 @@ def load_model(name: str | os.PathLike, pretrained_path=None) -> tuple[nn.Module
     ``"preset.tag"`` with the authors' weights (``create_model(pretrained=True)``, from ``pretrained_path`` when
     given) or a bare preset (random init)."""
     path = Path(name)
-    if not path.is_dir() and "." in str(name) and "/" not in str(name):
+    if is_release_name(name):
         return create_model(str(name), pretrained=True, pretrained_path=pretrained_path), None
     refuse_pretrained_path(name, pretrained_path)
     if path.is_dir():
@@ -112,7 +112,7 @@ def check_finite_weights(model: nn.Module, name: str) -> None:
     """Weights that are not finite (a run that diverged, a damaged file) give chance-level features that would be
     reported as an accuracy: a ``CheckpointError`` naming them."""
     state = model.state_dict()
-    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = non_finite(state)
     if bad:
         raise CheckpointError(
             f"{name}: {len(bad)} of its {len(state)} weight tensors hold NaN or inf ({', '.join(bad[:3])}"

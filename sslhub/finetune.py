@@ -48,7 +48,7 @@ from sslhub.arguments import RunArguments, none_or_str, option, required_option
 from sslhub.backbones import is_vision_transformer
 from sslhub.checkpointing import check_new_output, restore_checkpoint, run_identity, save_checkpoint
 from sslhub.configuration import SSLConfig
-from sslhub.conversion.pretrained import refuse_pretrained_path
+from sslhub.conversion.pretrained import is_release_name, refuse_pretrained_path
 from sslhub.data import labelled_splits, loader_options
 from sslhub.factory import create_model, from_pretrained
 from sslhub.files import check_writable, move_into
@@ -205,7 +205,7 @@ def load_classifier(
     overrides = {"id2label": dict(enumerate(classes)), "label2id": {label: i for i, label in enumerate(classes)}}
     if drop_path > 0:
         overrides["backbone_kwargs"] = {"drop_path_rate": drop_path}
-    if "." in name and not (Path(name).is_dir() or "/" in name):
+    if is_release_name(name):
         return create_model(name, task="classification", pretrained=True, pretrained_path=pretrained_path, **overrides)
     refuse_pretrained_path(name, pretrained_path)
     if Path(name).is_dir() or "/" in name:

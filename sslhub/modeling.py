@@ -209,7 +209,6 @@ class SSLPreTrainedModel(PreTrainedModel):
         overrides = {key: kwargs.pop(key) for key in SSLConfig.load_overrides if key in kwargs}
         if overrides:  # ``num_labels=3``: transformers' config attributes given to from_pretrained
             config = config.with_overrides(**overrides)
-            kwargs["config"] = config
         saved = (config.architectures or [None])[0]
         if saved == SSLForPreTraining.__name__ and cls is not SSLForPreTraining:
             pretraining = SSLForPreTraining.from_pretrained(path, *args, **{**kwargs, "config": config})

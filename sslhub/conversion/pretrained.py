@@ -79,6 +79,12 @@ def release_source(tag: PretrainedTag, task: str, pretrained_path: str | os.Path
     return _download_url(url, cache_root() / "downloads" / name), ""
 
 
+def is_release_name(name: str | os.PathLike) -> bool:
+    """Whether ``name`` names a release, ``"preset.tag"``, rather than a checkpoint directory or a Hub id
+    (``org/name``)."""
+    return "." in str(name) and "/" not in str(name) and not Path(name).is_dir()
+
+
 def refuse_pretrained_path(model, pretrained_path) -> None:
     """A release file given for a model that is not a release (a preset, a directory, a Hub id): ``ValueError``."""
     if pretrained_path is not None:
@@ -103,13 +109,11 @@ def load_pretrained(name: str, task: str = "features", pretrained_path=None, **o
     cache_dir = cache_root() / "converted" / tag.name / cached_task
     stamp = _stamp(path)
     stamp_file = cache_dir / "source.json"
-    if not (stamp_file.is_file() and _read_stamp(stamp_file) == stamp):
-        _convert_into_cache(tag, path, layout, cached_task, cache_dir, stamp)
-        return _load_cached(cache_dir, task, overrides)
-    try:
-        return _load_cached(cache_dir, task, overrides)
-    except (CheckpointError, OSError) as err:  # transformers raises OSError for an unreadable config.json
-        logger.warning("the cached conversion %s does not load (%s): converting %s again", cache_dir, err, path)
+    if stamp_file.is_file() and _read_stamp(stamp_file) == stamp:
+        try:
+            return _load_cached(cache_dir, task, overrides)
+        except (CheckpointError, OSError) as err:  # transformers raises OSError for an unreadable config.json
+            logger.warning("the cached conversion %s does not load (%s): converting %s again", cache_dir, err, path)
     _convert_into_cache(tag, path, layout, cached_task, cache_dir, stamp)
     return _load_cached(cache_dir, task, overrides)
 

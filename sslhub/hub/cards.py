@@ -47,6 +47,16 @@ def accuracy_fraction(name: str, value: Any) -> float:
     return value
 
 
+def _accuracies(metrics: dict[str, float] | None) -> dict[str, float]:
+    """``metrics`` as accuracy fractions in [0, 1] (``accuracy_fraction``), without the ``None`` values."""
+    return {metric: accuracy_fraction(metric, value) for metric, value in (metrics or {}).items() if value is not None}
+
+
+def _table_rows(accuracies: dict[str, float]) -> list[tuple[str, str]]:
+    """(metric, percentage) rows of the card's tables."""
+    return [(_cell(metric), f"{100 * value:.2f}%") for metric, value in accuracies.items()]
+
+
 def accuracy_result(metric: str, value: float, dataset_name: str, dataset_id: str | None = None) -> EvalResult:
     """One ``model-index`` entry: image-classification accuracy ``value`` (a fraction) of ``metric`` on a dataset
     (``dataset_id``: its Hub id when there is one)."""
@@ -103,12 +113,7 @@ def render_model_card(
     data = hyperparameters.pop("data", None)
     data_name, dataset_id = describe_data(str(data)) if data is not None else (None, None)
     name = model_id or f"{method}_{backbone}"
-    results = {
-        metric: accuracy_fraction(metric, value) for metric, value in (results or {}).items() if value is not None
-    }
-    baselines = {
-        metric: accuracy_fraction(metric, value) for metric, value in (baselines or {}).items() if value is not None
-    }
+    results, baselines = _accuracies(results), _accuracies(baselines)
     eval_name, eval_id = describe_data(eval_data) if eval_data is not None else (data_name, dataset_id)
     if results and eval_name is None:
         raise ValueError('results need training["data"] (or eval_data) to name the dataset they were measured on')
@@ -146,8 +151,8 @@ def render_model_card(
         source=source,
         pretrained_name=pretrained_name,
         hyperparameters=[(_cell(key), _cell(value)) for key, value in hyperparameters.items()],
-        results=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in results.items()],
-        baselines=[(_cell(metric), f"{100 * value:.2f}%") for metric, value in baselines.items()],
+        results=_table_rows(results),
+        baselines=_table_rows(baselines),
     )
 
 
