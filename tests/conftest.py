@@ -7,6 +7,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["SSLHUB_CACHE"] = tempfile.mkdtemp(prefix="sslhub-test-cache-")  # never the user's ~/.cache/sslhub
 atexit.register(shutil.rmtree, os.environ["SSLHUB_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores shared out, subprocesses included
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
