@@ -114,7 +114,8 @@ class MAEDecoder(nn.Module):
 
     Embeds the visible encoder tokens to ``embed_dim``, inserts a shared learned mask token at the masked
     positions, adds fixed 2-D sin-cos position embeddings and runs ``depth`` Transformer blocks; a linear layer
-    predicts the ``patch_size**2 * in_chans`` pixels of every patch. ``cls_token=False``: the encoder tokens have no
+    predicts the ``patch_size**2 * in_chans`` pixels of every patch (or ``out_dim`` features: DeepMIM-CLIP's teacher
+    tokens). ``cls_token=False``: the encoder tokens have no
     class token in front and the position embedding no row for it (ConvMAE's ``forward_decoder``).
     """
 
@@ -129,6 +130,7 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
         cls_token: bool = True,
+        out_dim: int | None = None,
     ):
         super().__init__()
         self.num_prefix_tokens = int(cls_token)
@@ -141,7 +143,7 @@ class MAEDecoder(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
         )
         self.decoder_norm = norm(embed_dim)
-        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
+        self.decoder_pred = nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans)
         self.apply(xavier_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 

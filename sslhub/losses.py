@@ -230,6 +230,14 @@ def masked_patch_mse(
     return (per_patch * mask).sum() / mask.sum()
 
 
+def masked_cosine_distance(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Feature-distillation loss of DeepMIM-CLIP (OliverRensu/DeepMIM ``models_mae.py forward_loss``): ``2 - 2 cos``
+    between each predicted and target token, L2-normalised, averaged over the masked tokens only.
+    ``prediction``, ``target``: (B, L, D); ``mask``: (B, L) with 1 for masked tokens."""
+    per_token = 2 - 2 * (F.normalize(prediction, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
 def invariance_spreading(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """InvaSpread's instance loss with in-batch features as classifier weights (Ye, Zhang, Yuen, Chang 2019, arXiv
     1904.03436, eq. 2-5; the official ``BatchCriterion`` with ``negM = 1``).

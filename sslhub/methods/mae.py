@@ -156,7 +156,7 @@ class MAE(SSLMethod):
     def __init__(self, config):
         super().__init__(config)
         self.build_vit_encoder(config)
-        self.decoder = self.pixel_decoder()
+        self.decoder = self.build_decoder()
 
     def build_vit_encoder(self, config) -> None:
         """``self.encoder``: the ViT (with a class token) that sees the visible patches, MAE's init; ``patch_size``."""
@@ -167,8 +167,8 @@ class MAE(SSLMethod):
         init_mae_encoder(vit)
         self.patch_size = vit.patch_embed.patch_size[0]
 
-    def pixel_decoder(self) -> MAEDecoder:
-        """A decoder of ``hparams``' size from the encoder's tokens to the patches' pixels."""
+    def build_decoder(self) -> MAEDecoder:
+        """A decoder of ``hparams``' size from the encoder's tokens to ``prediction_dim()`` values per patch."""
         vit, hp = self.encoder.backbone, self.hparams
         return MAEDecoder(
             vit.patch_embed.grid_size,
@@ -177,7 +177,12 @@ class MAE(SSLMethod):
             embed_dim=hp.decoder_embed_dim,
             depth=hp.decoder_depth,
             num_heads=hp.decoder_num_heads,
+            out_dim=self.prediction_dim(),
         )
+
+    def prediction_dim(self) -> int:
+        """Values the decoders predict per patch: its pixels."""
+        return self.patch_size**2 * 3
 
     def view_recipe(self):
         """``main_pretrain.py``: bicubic random resized crop and horizontal flip, nothing else."""
