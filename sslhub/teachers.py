@@ -15,7 +15,8 @@ CLIP's (``engine_pretrain.py``: ``(x * std + mean - clip_mean) / clip_std``).
 
 Weights: a state dict in CLIP's names under ``visual.`` (``torch.save(model.state_dict())`` of ``clip.load``'s model,
 as the authors' ``--clip_path``, or OpenCLIP's ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` of
-the OpenAI ViT-B/16), mapped to timm's names by timm's ``checkpoint_filter_fn``; or timm's names of the image tower
+the OpenAI ViT-B/16), mapped to timm's names by timm's ``checkpoint_filter_fn`` (a file of another patch size or
+number of positions is refused rather than resampled); or timm's names of the image tower
 (timm's ``vit_base_patch16_clip_224.openai`` file, a saved sslhub teacher). OpenAI's own ``ViT-B-16.pt`` is a
 TorchScript archive, which sslhub does not run: re-save its state dict.
 """
@@ -99,10 +100,24 @@ def load_teacher_state(path: str | os.PathLike, teacher: CLIPVisionTeacher) -> d
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     if any(key.startswith("visual.") for key in state):
         state = {key: value for key, value in state.items() if key.startswith("visual.")}  # not the text tower
-        if "visual.class_embedding" not in state:
-            raise CheckpointError(f"{path}: a CLIP file without visual.class_embedding: not CLIP's image tower")
+        if "visual.class_embedding" not in state or "visual.conv1.weight" not in state:
+            raise CheckpointError(f"{path}: a CLIP file without visual.class_embedding / conv1: not CLIP's image tower")
+        _check_grid(path, state, teacher)
         return checkpoint_filter_fn(state, teacher.vit)
     return state
+
+
+def _check_grid(path: Path, state: dict[str, torch.Tensor], teacher: CLIPVisionTeacher) -> None:
+    """The file's patch size and positions must be the teacher's: timm would resample them, a different teacher."""
+    patch = tuple(state["visual.conv1.weight"].shape[-2:])
+    positions = state["visual.positional_embedding"].shape[0] - 1 if "visual.positional_embedding" in state else None
+    grid = teacher.grid_size
+    if patch != tuple(teacher.vit.patch_embed.patch_size) or positions != grid[0] * grid[1]:
+        raise CheckpointError(
+            f"{path}: a CLIP image tower of {patch[0]} px patches and {positions} positions, but the teacher needs the "
+            f"student's {teacher.vit.patch_embed.patch_size[0]} px patches on a {grid[0]}x{grid[1]} grid: train at "
+            "the teacher's resolution (ViT-B/16: 224 px, 16 px patches)"
+        )
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -348,6 +348,9 @@ def test_teacher_files_of_other_kinds_are_refused_clearly(tmp_path):
     save_clip_file(tmp_path / "wide.pth", AuthorsCLIPVisionTransformer(32, 4, 128, 2, 2, 32))
     with pytest.raises(CheckpointError, match=r"(?s)wide\.pth.*teacher_width=64.*patch_embed\.proj\.weight"):
         build(PRESET, **TEACHER, target="clip", teacher_path=str(tmp_path / "wide.pth"))
+    save_clip_file(tmp_path / "b16.pth", AuthorsCLIPVisionTransformer(64, 16, 64, 2, 1, 32))
+    with pytest.raises(CheckpointError, match=r"b16\.pth: a CLIP image tower of 16 px patches and 16 positions.*4 px"):
+        build(PRESET, **TEACHER, target="clip", teacher_path=str(tmp_path / "b16.pth"))
 
 
 def test_unknown_target_is_refused():
