@@ -99,7 +99,8 @@ def convert_deepmim(container, source: str) -> Converted:
     reader = KeyReader(_state(container), source)
     position = reader.take_one("decoder_pos_embed")
     decoders = {}
-    for number, module in enumerate(["deep_decoders.0.", "deep_decoders.1.", "deep_decoders.2.", "decoder."], 1):
+    modules = [f"deep_decoders.{index}." for index in range(len(AUTHORS_SUPERVISED_BLOCKS))] + ["decoder."]
+    for number, module in enumerate(modules, 1):
         for part in DEEPMIM_DECODER_PARTS:
             found = reader.take(f"{part}{number}")
             decoders.update(prefixed(f"{module}{part}", found))
